@@ -1,0 +1,89 @@
+"""Denoisers D(x_t, t, cond) -> x_0 estimate: the one interface that losses and samplers speak to.
+
+Any teacher is adapted to it (cf. the preconditioning wrappers of Karras et al. 2022, NVlabs/edm): the
+wrapper knows the network's parameterization and the schedule, callers only see x_0 estimates.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .schedule import VPSchedule
+
+
+class Denoiser(nn.Module):
+    """Base class: `forward(x_t, t, cond)` returns the x_0 estimate; `null_cond(cond)` its unconditional twin."""
+
+    schedule: VPSchedule
+
+    def forward(self, x_t: Tensor, t: Tensor, cond=None) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def null_cond(self, cond):
+        """The condition meaning 'no condition', for classifier-free guidance; None if unsupported."""
+        return None
+
+
+def guided(denoiser: Denoiser, x_t: Tensor, t: Tensor, cond=None, guidance_scale: float = 1.0) -> Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022) in x_0 space: D_u + w (D_c - D_u), one batched pass."""
+    null = denoiser.null_cond(cond) if cond is not None else None
+    if guidance_scale == 1.0 or null is None:
+        return denoiser(x_t, t, cond)
+    both = denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, null]))
+    d_cond, d_uncond = both.chunk(2)
+    return d_uncond + guidance_scale * (d_cond - d_uncond)
+
+
+class UNetDenoiser(Denoiser):
+    """A diffusers UNet (UNet2DModel with class labels, or UNet2DConditionModel with text embeddings).
+
+    Class-conditional UNet2DModel teachers use label `num_class_embeds - 1` as the null label (label dropout).
+    Text-conditional UNets take `null_embedding`, the embedding of the empty prompt, shape (1, L, D).
+    """
+
+    def __init__(self, unet: nn.Module, schedule: VPSchedule, null_embedding: Tensor | None = None):
+        super().__init__()
+        self.unet = unet
+        self.schedule = schedule
+        self.text_conditional = "encoder_hid_dim" in unet.config or "cross_attention_dim" in unet.config
+        n_classes = unet.config.get("num_class_embeds")
+        self.null_label = n_classes - 1 if n_classes else None
+        self.register_buffer("null_embedding", null_embedding, persistent=False)
+
+    def forward(self, x_t: Tensor, t: Tensor, cond=None) -> Tensor:
+        t = t.reshape(-1).expand(x_t.shape[0])
+        if self.text_conditional:
+            out = self.unet(x_t, t, encoder_hidden_states=cond).sample
+        else:
+            out = self.unet(x_t, t, class_labels=cond).sample
+        return self.schedule.to_x0(out.float(), x_t.float(), t)
+
+    def null_cond(self, cond):
+        if self.text_conditional and self.null_embedding is not None:
+            return self.null_embedding.to(cond.dtype).expand(cond.shape[0], *self.null_embedding.shape[1:])
+        if self.null_label is not None:
+            return torch.full_like(cond, self.null_label)
+        return None
+
+
+class PretrainedUNetDenoiser(UNetDenoiser):
+    """A pixel-space diffusers UNet2DModel loaded with `from_pretrained` from a hub id or a local folder.
+
+    The folder holds `unet/` (or the UNet at its root) and `scheduler/scheduler_config.json`.
+    """
+
+    def __init__(self, path: str | Path, gradient_checkpointing: bool = False):
+        from diffusers import UNet2DModel
+
+        from .loading import load_pretrained, scheduler_folder, unet_folder
+
+        root = str(path)
+        unet = load_pretrained(UNet2DModel, root, unet_folder(root))
+        schedule = load_pretrained(VPSchedule, root, scheduler_folder(root))
+        if gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        super().__init__(unet, schedule)
+        self.path = root

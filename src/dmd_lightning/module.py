@@ -1,0 +1,199 @@
+"""DMDModule: alternates generator and fake-score updates (DMD Algorithm 1; DMD2's two time-scale rule)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from lightning import LightningModule
+from torch import Tensor, nn
+
+from .denoisers import Denoiser
+from .ema import ema_update
+from .evaluation import Evaluator
+from .generator import OneStepGenerator
+from .losses import denoising_loss, distribution_matching_loss
+
+
+class NonFiniteError(RuntimeError):
+    """A loss or gradient was NaN/inf and the module was told to stop."""
+
+
+class DMDModule(LightningModule):
+    """Distribution Matching Distillation with manual optimization.
+
+    One training iteration: (every `fake_updates_per_generator_update`-th iteration) a generator update by
+    the distribution-matching loss plus `regression_weight` x the regression loss on noise-image pairs, then a
+    fake-score update by the denoising loss on the generator's detached samples. With two optimizers,
+    Lightning's `global_step` (and `max_steps`) counts optimizer steps of both networks together: an
+    iteration costs 2 steps when the generator updates and 1 when only the fake score does.
+
+    Ablations (paper Table 2): `dm_weight=0` is regression only; `use_fake_score=False` is the real score
+    alone; `regression_loss=None` is DMD without regression.
+    """
+
+    def __init__(
+        self,
+        teacher: Denoiser,
+        generator: nn.Module | None = None,
+        fake_score: Denoiser | None = None,
+        regression_loss: nn.Module | None = None,
+        evaluator: Evaluator | None = None,
+        guidance_scale: float = 1.0,
+        regression_weight: float = 0.25,
+        dm_weight: float = 1.0,
+        use_fake_score: bool = True,
+        fake_updates_per_generator_update: int = 1,
+        t_range: tuple[float, float] = (0.02, 0.98),
+        generator_lr: float = 1e-5,
+        fake_lr: float = 1e-5,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 500,
+        gradient_clip: float = 10.0,
+        ema_decay: float = 0.999,
+        on_nonfinite: str = "skip",
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["teacher", "generator", "fake_score", "regression_loss", "evaluator"])
+        if on_nonfinite not in ("skip", "stop"):
+            raise ValueError(f"on_nonfinite must be 'skip' or 'stop', got {on_nonfinite!r}")
+        self.automatic_optimization = False
+        self.teacher = teacher.requires_grad_(False).eval()
+        self.generator = generator if generator is not None else OneStepGenerator.from_teacher(teacher)
+        self.fake_score = fake_score if fake_score is not None else copy.deepcopy(teacher).requires_grad_(True)
+        self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False).eval()
+        self.regression_loss = regression_loss
+        self.evaluator = evaluator
+        self.iteration = 0  # training iterations done; with the ratio it gives the update phase
+
+    # ----------------------------------------------------------------------------------------------- setup
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # frozen networks stay in eval mode through Lightning's .train() calls
+        self.generator_ema.eval()
+        return self
+
+    def configure_optimizers(self):
+        hp = self.hparams
+
+        def adamw(params, lr):
+            opt = torch.optim.AdamW(params, lr=lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+            warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, hp.warmup_steps)))
+            return opt, warmup
+
+        opt_g, sch_g = adamw(self.generator.parameters(), hp.generator_lr)
+        opt_f, sch_f = adamw(self.fake_score.parameters(), hp.fake_lr)
+        return [opt_g, opt_f], [sch_g, sch_f]
+
+    # -------------------------------------------------------------------------------------------- training
+    @property
+    def trains_fake_score(self) -> bool:
+        return self.hparams.use_fake_score and self.hparams.dm_weight > 0
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        hp = self.hparams
+        opt_g, opt_f = self.optimizers()
+        sch_g, sch_f = self.lr_schedulers()
+        z, cond = batch["z"], batch.get("cond")
+        generator_turn = self.iteration % hp.fake_updates_per_generator_update == 0
+        self.iteration += 1
+
+        if generator_turn:
+            self.toggle_optimizer(opt_g)
+            x = self.generator(z, cond)
+            terms = {}
+            if hp.dm_weight > 0:
+                fake = self.fake_score if hp.use_fake_score else None
+                terms["dm"], stats = distribution_matching_loss(
+                    x, self.teacher, fake, cond, hp.guidance_scale, tuple(hp.t_range)
+                )
+                self.log_dict(stats, on_step=True)
+            if self.regression_loss is not None and hp.regression_weight > 0 and "pair_z" in batch:
+                x_reg = self.generator(batch["pair_z"], batch.get("pair_cond"))
+                terms["regression"] = self.regression_loss(x_reg, batch["pair_x"])
+            weights = {"dm": hp.dm_weight, "regression": hp.regression_weight}
+            loss = sum(weights[k] * v for k, v in terms.items())
+            self._step(opt_g, sch_g, self.generator, loss, terms, "generator")
+            self.untoggle_optimizer(opt_g)
+            ema_update(self.generator_ema, self.generator, hp.ema_decay)
+            x = x.detach()
+        elif self.trains_fake_score:
+            with torch.no_grad():
+                x = self.generator(z, cond)
+
+        if self.trains_fake_score:
+            self.toggle_optimizer(opt_f)
+            loss_f = denoising_loss(self.fake_score, x, cond)
+            self._step(opt_f, sch_f, self.fake_score, loss_f, {"denoising": loss_f}, "fake_score")
+            self.untoggle_optimizer(opt_f)
+        self.log("train/iteration", float(self.iteration), on_step=True)
+
+    def _step(self, opt, sched, net: nn.Module, loss: Tensor, terms: dict, name: str) -> None:
+        """Backward, clip, check for non-finite values, step. Logs every term and the gradient norm."""
+        self.manual_backward(loss)
+        params = [p for p in net.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.hparams.gradient_clip)
+        bad = [k for k, v in terms.items() if not torch.isfinite(v)]
+        if not torch.isfinite(grad_norm):
+            bad.append("gradient")
+        for k, v in terms.items():
+            self.log(f"{name}/loss_{k}", v, on_step=True, prog_bar=True)
+        self.log(f"{name}/grad_norm", grad_norm, on_step=True)
+        self.log(f"{name}/lr", sched.get_last_lr()[0], on_step=True)
+        if bad:
+            msg = f"non-finite {', '.join(bad)} in the {name} update at iteration {self.iteration}"
+            if self.hparams.on_nonfinite == "stop":
+                raise NonFiniteError(msg)
+            self.print(f"warning: {msg}; update skipped")
+            self.log(f"{name}/skipped", 1.0, on_step=True)
+        else:
+            opt.step()
+            sched.step()
+        opt.zero_grad(set_to_none=True)
+
+    # ------------------------------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def sample(self, z: Tensor, cond=None, ema: bool = True) -> Tensor:
+        """One network evaluation per sample, by the EMA generator unless ema=False."""
+        return (self.generator_ema if ema else self.generator)(z, cond)
+
+    def on_validation_epoch_start(self) -> None:
+        if self.evaluator is not None:
+            self.evaluator.reset()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        x = self.sample(batch["z"], batch.get("cond"))
+        if self.evaluator is not None:
+            self.evaluator.update(x, batch)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.evaluator is not None:
+            metrics = {f"val/{k}": v for k, v in self.evaluator.compute().items()}
+            self.log_dict(metrics, sync_dist=True)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+
+    def on_test_epoch_end(self) -> None:
+        self.on_validation_epoch_end()
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        return {"x": self.sample(batch["z"], batch.get("cond")), **batch}
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        for name in ("generator", "fake_score", "generator_ema"):
+            if not is_finite_module(getattr(self, name)):
+                raise NonFiniteError(f"{name} has non-finite weights at iteration {self.iteration}; not saving")
+        checkpoint["dmd_iteration"] = self.iteration
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.iteration = int(checkpoint.get("dmd_iteration", 0))
+
+
+def is_finite_module(net: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p.detach()).all()) for p in net.parameters())

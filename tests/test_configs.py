@@ -1,0 +1,34 @@
+"""Every file under configs/ parses, and the toy config runs end to end through the `dmd` command."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dmd_lightning.cli import cli
+
+CONFIGS = sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    assert "model:" in capsys.readouterr().out
+
+
+def test_unknown_config_key_is_one_clear_error(tmp_path):
+    cmd = [sys.executable, "-m", "dmd_lightning.cli", "fit", "--config", str(CONFIGS[0]), "--model.no_such_key", "1"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode != 0 and "no_such_key" in out.stderr
+
+
+def test_dmd_fit_runs_the_toy_config(tmp_path):
+    cmd = ["dmd", "fit", "--config", "configs/toy2d.yaml", "--trainer.max_steps", "20", "--trainer.val_check_interval", "10",
+           "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
+           "--trainer.enable_progress_bar", "false"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert list(tmp_path.rglob("*.ckpt")) and list(tmp_path.rglob("events.out.tfevents*"))

@@ -1,0 +1,98 @@
+import pytest
+import torch
+from conftest import tiny_unet
+from lightning import Trainer
+from torch import nn
+
+from dmd_lightning import DMDModule, L2Loss, UNetDenoiser, VPSchedule
+from dmd_lightning.module import NonFiniteError
+from dmd_lightning.toy2d import GaussianMixtureDenoiser, MLPDenoiser, MLPGenerator, ToyDataModule
+
+
+def toy_module(**kw):
+    schedule = VPSchedule()
+    return DMDModule(GaussianMixtureDenoiser(schedule), MLPGenerator(hidden=32), MLPDenoiser(schedule, hidden=32),
+                     regression_loss=L2Loss(), generator_lr=1e-3, fake_lr=1e-3, warmup_steps=2, **kw)
+
+
+def fit(module, max_steps, tmp_path, ckpt_path=None, **kw):
+    trainer = Trainer(max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      default_root_dir=tmp_path, limit_val_batches=0, accelerator="cpu", **kw)
+    trainer.fit(module, datamodule=ToyDataModule(batch_size=32, pair_batch_size=16, num_pairs=64, sampler_steps=10),
+                ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_generator_and_fake_score_start_as_copies_of_the_frozen_teacher():
+    unet, schedule = tiny_unet()
+    teacher = UNetDenoiser(unet, schedule)
+    m = DMDModule(teacher)
+    assert not any(p.requires_grad for p in m.teacher.parameters())
+    assert all(p.requires_grad for p in m.generator.parameters())
+    assert all(p.requires_grad for p in m.fake_score.parameters())
+    z, y = torch.randn(2, 1, 16, 16), torch.tensor([1, 2])
+    t_last = torch.full((2,), schedule.T - 1)
+    torch.testing.assert_close(m.generator(z, y), teacher(z, t_last, y))
+    torch.testing.assert_close(m.fake_score(z, t_last, y), teacher(z, t_last, y))
+    assert m.generator.denoiser.unet is not unet and m.fake_score.unet is not unet
+
+
+@pytest.mark.parametrize("ratio", [1, 3])
+def test_two_time_scale_rule_counts_updates(tmp_path, ratio):
+    m = toy_module(fake_updates_per_generator_update=ratio)
+    g0 = [p.detach().clone() for p in m.generator.parameters()]
+    trainer = fit(m, max_steps=2 * ratio + 2 * ratio - 2 + 2, tmp_path=tmp_path)
+    opt_g, opt_f = trainer.optimizers
+    steps = lambda opt: int(next(iter(opt.state.values()))["step"])  # noqa: E731
+    assert steps(opt_f) == m.iteration
+    assert steps(opt_g) == (m.iteration + ratio - 1) // ratio
+    assert trainer.global_step == steps(opt_g) + steps(opt_f)  # max_steps counts both optimizers
+    assert any(not torch.equal(a, b) for a, b in zip(g0, m.generator.parameters()))
+
+
+def test_checkpoint_holds_both_optimizers_schedulers_ema_and_the_update_phase(tmp_path):
+    m = toy_module(fake_updates_per_generator_update=2)
+    trainer = fit(m, max_steps=7, tmp_path=tmp_path)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert ckpt["dmd_iteration"] == m.iteration == 5
+    assert len(ckpt["optimizer_states"]) == 2 and len(ckpt["lr_schedulers"]) == 2
+    assert any(k.startswith("generator_ema.") for k in ckpt["state_dict"])
+    m2 = toy_module(fake_updates_per_generator_update=2)
+    fit(m2, max_steps=9, tmp_path=tmp_path, ckpt_path=tmp_path / "last.ckpt")
+    assert m2.iteration == 6
+
+
+def test_ablations_skip_the_networks_they_do_not_use(tmp_path):
+    regression_only = toy_module(dm_weight=0.0)
+    f0 = [p.detach().clone() for p in regression_only.fake_score.parameters()]
+    fit(regression_only, max_steps=3, tmp_path=tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(f0, regression_only.fake_score.parameters()))
+    assert regression_only.iteration == 3
+
+
+class NaNLoss(nn.Module):
+    def forward(self, pred, target):
+        return (pred - target).pow(2).mean() * float("nan")
+
+
+def test_non_finite_generator_loss_is_skipped_or_stops(tmp_path):
+    m = toy_module(on_nonfinite="skip")
+    m.regression_loss = NaNLoss()
+    g0 = [p.detach().clone() for p in m.generator.parameters()]
+    fit(m, max_steps=4, tmp_path=tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(g0, m.generator.parameters()))
+    m = toy_module(on_nonfinite="stop")
+    m.regression_loss = NaNLoss()
+    with pytest.raises(NonFiniteError, match="regression.*generator update at iteration 1"):
+        fit(m, max_steps=4, tmp_path=tmp_path)
+
+
+def test_no_checkpoint_with_non_finite_weights(tmp_path):
+    m = toy_module()
+    trainer = fit(m, max_steps=2, tmp_path=tmp_path)
+    with torch.no_grad():
+        next(m.generator.parameters()).fill_(float("inf"))
+    with pytest.raises(NonFiniteError, match="generator has non-finite weights"):
+        trainer.save_checkpoint(tmp_path / "bad.ckpt")
+    assert not (tmp_path / "bad.ckpt").exists()

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from lightning import LightningDataModule, Trainer
+from lightning import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI
 
-from .module import DMDModule
 
 
 class DMDTrainer(Trainer):
@@ -22,8 +21,9 @@ class DMDCLI(LightningCLI):
 
 def cli(args=None, run: bool = True) -> DMDCLI:
     return DMDCLI(
-        DMDModule,
+        LightningModule,
         LightningDataModule,
+        subclass_mode_model=True,
         subclass_mode_data=True,
         trainer_class=DMDTrainer,
         save_config_kwargs={"overwrite": True},

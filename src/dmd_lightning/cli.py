@@ -6,9 +6,20 @@ from lightning import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI
 
 
-
 class DMDTrainer(Trainer):
     """Lightning's Trainer; the project's extra subcommands are its methods."""
+
+    def pairs(self, model: LightningModule, datamodule: LightningDataModule, ckpt_path: str | None = None) -> None:
+        """Generate noise-image regression pairs with the teacher's deterministic sampler.
+
+        Needs a dmd_lightning.pairs.PairGenerator model and a PairGenerationDataModule; shards already in
+        the datamodule's `out_dir` are skipped.
+        """
+        from .pairs import PairWriter
+
+        others = [c for c in self.callbacks if not isinstance(c, PairWriter)]
+        self.callbacks = others + [PairWriter(datamodule.out_dir, dtype=datamodule.dtype)]
+        self.predict(model, datamodule=datamodule, ckpt_path=ckpt_path, return_predictions=False)
 
 
 class DMDCLI(LightningCLI):
@@ -16,7 +27,7 @@ class DMDCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return LightningCLI.subcommands()
+        return {**LightningCLI.subcommands(), "pairs": {"model", "datamodule"}}
 
 
 def cli(args=None, run: bool = True) -> DMDCLI:
@@ -34,5 +45,7 @@ def cli(args=None, run: bool = True) -> DMDCLI:
 
 def main() -> None:
     cli()
+
+
 if __name__ == "__main__":
     main()

@@ -1,8 +1,9 @@
 # dmd-lightning. `make demo` runs the main job, `make test` the tests; both install what they need first.
 PYTHON ?= python3
 STAMP := .make/installed
+FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: install demo toy test test-slow clean
+.PHONY: install data demo pairs toy test test-slow bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install -q -e ".[dev]"
@@ -10,19 +11,29 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## The README's main job on the embedded default (the 2-D toy of DMD Fig. 3 for now).
-demo: toy
+## Fashion-MNIST idx files from Debian's package (needs root, as on the project's machines).
+data: $(FMNIST)/t10k-images-idx3-ubyte.gz
+$(FMNIST)/t10k-images-idx3-ubyte.gz:
+	apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist
+
+## The README's main job: pairs -> DMD fit -> FID with the shipped teacher, a sample grid and a table.
+demo: $(STAMP) data
+	$(PYTHON) -m dmd_lightning.demo --out runs/demo
+
+## The regression pairs of configs/fmnist_pairs.yaml (10,000 teacher samples, DDIM 50 steps).
+pairs: $(STAMP)
+	dmd pairs --config configs/fmnist_pairs.yaml
 
 ## DMD Fig. 3 on a 2-D mixture: three variants, a PNG and a table (about 2 minutes on 2 CPU cores).
 toy: $(STAMP)
 	$(PYTHON) -m dmd_lightning.toy2d_report --config configs/toy2d.yaml --out runs/toy2d
 
 ## The default test suite (CPU, no network).
-test: $(STAMP)
+test: $(STAMP) data
 	$(PYTHON) -m pytest -q
 
 ## Slower tests as well.
-test-slow: $(STAMP)
+test-slow: $(STAMP) data
 	$(PYTHON) -m pytest -q -m "slow or not slow"
 
 clean:

@@ -62,6 +62,8 @@ class DMDModule(LightningModule):
         self.teacher = teacher.requires_grad_(False).eval()
         self.generator = generator if generator is not None else OneStepGenerator.from_teacher(teacher)
         self.fake_score = fake_score if fake_score is not None else copy.deepcopy(teacher).requires_grad_(True)
+        self.generator.train()  # copies of the (eval-mode) teacher: Lightning keeps submodules' modes
+        self.fake_score.train()
         self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False).eval()
         self.regression_loss = regression_loss
         self.evaluator = evaluator

@@ -1,6 +1,6 @@
 """Training the Fashion-MNIST teacher: a class-conditional pixel-space diffusers UNet2DModel.
 
-DDPM epsilon-prediction loss (Ho et al. 2020, Eq. 14) with label dropout for classifier-free guidance
+DDPM loss (Ho et al. 2020, Eq. 14) in the schedule's parameterization (epsilon, or v / x0), with label dropout for classifier-free guidance
 (Ho & Salimans 2022): a dropped label becomes the null class `num_classes`. The EMA weights are exported as
 a diffusers folder (unet/ + scheduler/) that `UNet2DModel.from_pretrained` and `PretrainedUNetDenoiser` load.
 """
@@ -51,8 +51,10 @@ class TeacherModule(LightningModule):
         y = torch.where(drop, torch.full_like(y, self.hparams.num_classes), y)
         t = torch.randint(0, self.schedule.T, (x.shape[0],), device=x.device)
         eps = torch.randn_like(x)
-        pred = self.unet(self.schedule.add_noise(x, eps, t), t, class_labels=y).sample
-        loss = F.mse_loss(pred.float(), eps)
+        x_t = self.schedule.add_noise(x, eps, t)
+        pred = self.unet(x_t, t, class_labels=y).sample
+        target = eps if self.schedule.prediction_type == "epsilon" else self.schedule.from_x0(x, x_t, t)
+        loss = F.mse_loss(pred.float(), target)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

@@ -36,5 +36,9 @@ test: $(STAMP) data
 test-slow: $(STAMP) data
 	$(PYTHON) -m pytest -q -m "slow or not slow"
 
+## Speed and memory as ratios measured side by side (runs/bench/bench.md, bench.json); a few minutes on 2 CPU cores.
+bench: $(STAMP)
+	$(PYTHON) -m dmd_lightning.bench --out runs/bench
+
 clean:
 	rm -rf runs .make .pytest_cache

@@ -17,15 +17,7 @@ from lightning import Callback, Trainer
 from torch.utils.data import DataLoader, IterableDataset
 
 from dmd_lightning import DMDModule, UNetDenoiser, VPSchedule
-
-SD15_UNET = dict(  # runwayml/stable-diffusion-v1-5 unet/config.json
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8,
-)
-TINY_UNET = dict(SD15_UNET, sample_size=8, block_out_channels=(32, 32, 64, 64), cross_attention_dim=32,
-                 attention_head_dim=4, norm_num_groups=8)
-
+from dmd_lightning.bench import SD15_UNET, TINY_SD_UNET
 
 class Synthetic(IterableDataset):
     def __init__(self, batch: int, size: int, dim: int):
@@ -87,7 +79,7 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     a = p.parse_args()
-    config = TINY_UNET if a.tiny else SD15_UNET
+    config = TINY_SD_UNET if a.tiny else SD15_UNET
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"DMD training iteration, SD1.5 UNet layout{' (tiny)' if a.tiny else ''}, 512x512 (64x64 latents), {device}")
     print(f"{'batch':>5} {'grad ckpt':>9} {'s/iteration':>12} {'peak GiB':>9}", flush=True)

@@ -47,6 +47,7 @@ def test_stream_resumes_at_its_position(tmp_path):
     it = iter(dm.train_dataloader())
     batches = [next(it) for _ in range(5)]
     dm2 = DMDDataModule(str(tmp_path / "p"), batch_size=2, pair_batch_size=2, num_classes=4)
+    dm2.setup("fit")
     dm2.load_state_dict({"position": 3})
     resumed = next(iter(dm2.train_dataloader()))
     torch.testing.assert_close(resumed["z"], batches[3]["z"])

@@ -1,6 +1,8 @@
 """Pair generation: shards round-trip the sampler's output, resume skips finished shards, ranks split the work,
 and every broken pair folder gives one error that names the file."""
 
+import os
+import signal
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
@@ -9,6 +11,7 @@ import pytest
 import torch
 from conftest import tiny_unet
 from diffusers import DDPMScheduler
+from lightning import Callback
 
 from dmd_lightning import PretrainedUNetDenoiser, VPSchedule
 from dmd_lightning.cli import DMDTrainer
@@ -172,3 +175,51 @@ data:
     noise = torch.stack([item_noise(0, i, [1, 16, 16]) for i in range(4)])
     expected = sample_ode(teacher, noise, make_scheduler("ddim", teacher.schedule.config), 2, data.cond[:4], 2.0)
     torch.testing.assert_close(data.x[:4].float(), expected, atol=2e-3, rtol=2e-3)
+
+
+class SIGKILLAtBatch(Callback):
+    """Kills its own process after `batch` prediction batches, before the writer stores the last one."""
+
+    def __init__(self, batch: int):
+        self.batch = batch
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if batch_idx + 1 >= self.batch:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_sigkilled_dmd_pairs_rerun_ends_with_exactly_the_requested_pairs(tmp_path):
+    def dmd_pairs(kill: str):
+        (tmp_path / "pairs.yaml").write_text(f"""
+trainer: {{accelerator: cpu, devices: 1, logger: false, enable_progress_bar: false{kill}}}
+model:
+  class_path: dmd_lightning.pairs.PairGenerator
+  init_args:
+    teacher:
+      class_path: dmd_lightning.toy2d.GaussianMixtureDenoiser
+      init_args: {{schedule: {{class_path: dmd_lightning.VPSchedule}}}}
+    num_steps: 8
+data:
+  class_path: dmd_lightning.pairs.PairGenerationDataModule
+  init_args: {{out_dir: {tmp_path / 'pairs'}, num_pairs: 45, shard_size: 3, noise_shape: [2], num_classes: null,
+              batch_size: 2, seed: 3}}
+""")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+        return subprocess.run(["dmd", "pairs", "--config", str(tmp_path / "pairs.yaml")], capture_output=True,
+                              text=True, cwd=tmp_path, env=env)
+
+    out = dmd_pairs(", callbacks: [{class_path: test_pairs.SIGKILLAtBatch, init_args: {batch: 11}}]")
+    assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
+    done = sorted(p.name for p in (tmp_path / "pairs").glob("shard-*"))
+    assert done == [shard_name(s) for s in range(5)]  # 11 batches of 2, 1, 2, 1, ...: shard 5 half made
+    stale = tmp_path / "pairs" / f".{shard_name(7)}.tmp-999999"  # as left by a kill during a write
+    stale.write_bytes(b"partial")
+    with pytest.raises(PairsError, match="incomplete: 5 of 15 shards present; missing shard-00005"):
+        PairDataset(tmp_path / "pairs")
+    out = dmd_pairs("")
+    assert out.returncode == 0, out.stderr[-2000:]
+    generate(tmp_path / "whole", num_pairs=45, shard_size=3, batch_size=2)
+    resumed, whole = PairDataset(tmp_path / "pairs"), PairDataset(tmp_path / "whole")
+    assert torch.equal(resumed.index, torch.arange(45)) and torch.equal(resumed.noise, whole.noise)
+    assert torch.equal(resumed.x, whole.x)
+    assert sorted(p.name for p in (tmp_path / "pairs").iterdir()) == ["manifest.json"] + [shard_name(s) for s in range(15)]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from lightning import LightningDataModule
@@ -12,41 +12,61 @@ from torch.utils.data import DataLoader, IterableDataset
 from .pair_data import PairDataset, PairsError
 
 
-class _TrainStream(IterableDataset):
-    """Endless batches from one seeded generator (seed + rank): DM noise and conditions, and pairs drawn
-    uniformly with replacement. `position` counts the batches served so a resumed run continues the stream."""
+class GlobalBatchStream(IterableDataset):
+    """Endless training batches, sharded by rank as slices of one global stream.
 
-    def __init__(self, pairs: PairDataset, batch_size: int, pair_batch_size: int, label_probs: Tensor | None,
-                 seed: int):
-        self.pairs, self.batch_size, self.pair_batch_size = pairs, batch_size, pair_batch_size
-        self.label_probs, self.seed, self.position = label_probs, seed, 0
+    Global batch k comes from a generator seeded by (seed, k); `make(g, world_size)` draws it at world_size
+    times the per-device sizes and this rank serves slice `rank` of every tensor. So a DDP run sees exactly
+    the batches of a single process with world_size x the batch, and batch k never depends on what came
+    before: a resumed run starts at `start()`, the datamodule's count of consumed batches.
+    """
 
-    def batch(self, g: torch.Generator) -> dict[str, Tensor]:
-        shape = self.pairs.noise.shape[1:]
-        out = {"z": torch.randn(self.batch_size, *shape, generator=g)}
-        if self.label_probs is not None:
-            out["cond"] = torch.multinomial(self.label_probs, self.batch_size, replacement=True, generator=g)
-        idx = torch.randint(0, len(self.pairs), (self.pair_batch_size,), generator=g)
-        out["pair_z"], out["pair_x"] = self.pairs.noise[idx].float(), self.pairs.x[idx].float()
-        if self.pairs.cond is not None:
-            out["pair_cond"] = self.pairs.cond[idx]
-        return out
+    def __init__(self, make: Callable[[torch.Generator, int], dict[str, Tensor]], seed: int, rank: int, world: int,
+                 start: Callable[[], int]):
+        if not 0 <= seed < 2**31:
+            raise ValueError(f"need 0 <= seed < 2**31, got {seed}")
+        self.make, self.seed, self.rank, self.world, self.start = make, seed, rank, world, start
+
+    def global_batch(self, k: int) -> dict[str, Tensor]:
+        return self.make(torch.Generator().manual_seed(self.seed * 2**32 + k), self.world)
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        g = torch.Generator().manual_seed(self.seed)
-        for _ in range(self.position):  # replay the generator up to the saved position
-            self.batch(g)
+        k = self.start()
         while True:
+            yield {key: v.chunk(self.world)[self.rank] for key, v in self.global_batch(k).items()}
+            k += 1
+
+
+class StreamDataModule(LightningDataModule):
+    """A datamodule whose training data is a GlobalBatchStream; `position` (training batches consumed) is
+    checkpointed. It is counted when a batch reaches training_step, not when the loader yields it: Lightning
+    fetches one batch ahead, so the loader's own count would resume one batch too far."""
+
+    position: int = 0
+
+    def stream_loader(self, make: Callable[[torch.Generator, int], dict[str, Tensor]], seed: int) -> DataLoader:
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        return DataLoader(GlobalBatchStream(make, seed, rank, world, lambda: self.position), batch_size=None)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if self.trainer is not None and self.trainer.training:
             self.position += 1
-            yield self.batch(g)
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = int(state.get("position", 0))
 
 
-class DMDDataModule(LightningDataModule):
+class DMDDataModule(StreamDataModule):
     """Serves {z, cond, pair_z, pair_x, pair_cond} for training and fixed {z, cond} for validation.
 
     Conditions of the DM batch are drawn with the label frequencies of the pairs (which follow the data's
     labels); `expect` (e.g. {"teacher": ..., "sampler": "ddim", "num_steps": 50}) is checked against the
-    settings that made the pairs. `batch_size` and `pair_batch_size` are per device.
+    settings that made the pairs. `batch_size` and `pair_batch_size` are per device; pairs are drawn uniformly
+    with replacement.
     """
 
     def __init__(self, pairs_dir: str, batch_size: int = 64, pair_batch_size: int = 64,
@@ -55,7 +75,6 @@ class DMDDataModule(LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.pairs: PairDataset | None = None
-        self.stream: _TrainStream | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.pairs is None:
@@ -64,18 +83,32 @@ class DMDDataModule(LightningDataModule):
                 raise PairsError(f"pairs in {self.hparams.pairs_dir} are {'un' if self.pairs.cond is None else ''}"
                                  f"conditional but num_classes is {self.hparams.num_classes}")
 
+    @property
+    def sample_shape(self) -> tuple[int, ...] | None:
+        """Shape of one sample (C, H, W), which the model checks against its teacher."""
+        return tuple(self.pairs.noise.shape[1:]) if self.pairs is not None else None
+
     def label_probs(self) -> Tensor | None:
         if self.hparams.num_classes is None:
             return None
         counts = torch.bincount(self.pairs.cond.long(), minlength=self.hparams.num_classes).float()
         return counts / counts.sum()
 
+    def train_batch(self, g: torch.Generator, world: int) -> dict[str, Tensor]:
+        """A global batch: DM noise and conditions for `world` devices, and their regression pairs."""
+        n, m = self.hparams.batch_size * world, self.hparams.pair_batch_size * world
+        out = {"z": torch.randn(n, *self.pairs.noise.shape[1:], generator=g)}
+        probs = self.label_probs()
+        if probs is not None:
+            out["cond"] = torch.multinomial(probs, n, replacement=True, generator=g)
+        idx = torch.randint(0, len(self.pairs), (m,), generator=g)
+        out["pair_z"], out["pair_x"] = self.pairs.noise[idx].float(), self.pairs.x[idx].float()
+        if self.pairs.cond is not None:
+            out["pair_cond"] = self.pairs.cond[idx]
+        return out
+
     def train_dataloader(self) -> DataLoader:
-        rank = self.trainer.global_rank if self.trainer is not None else 0
-        if self.stream is None:
-            self.stream = _TrainStream(self.pairs, self.hparams.batch_size, self.hparams.pair_batch_size,
-                                       self.label_probs(), self.hparams.seed + 1000 * rank)
-        return DataLoader(self.stream, batch_size=None)
+        return self.stream_loader(self.train_batch, self.hparams.seed)
 
     def val_batches(self) -> list[dict[str, Tensor]]:
         """Fixed seeded noise and balanced labels; the same for every validation and for `dmd predict`."""
@@ -95,11 +128,3 @@ class DMDDataModule(LightningDataModule):
 
     test_dataloader = val_dataloader
     predict_dataloader = val_dataloader
-
-    def state_dict(self) -> dict:
-        return {"position": self.stream.position if self.stream is not None else 0}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.setup()
-        self.train_dataloader()
-        self.stream.position = int(state.get("position", 0))

@@ -16,6 +16,10 @@ FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
 
+class DataNotFoundError(FileNotFoundError):
+    """The data root or one of its files is absent."""
+
+
 def _read_idx(path: Path) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
@@ -30,7 +34,7 @@ def _find(root: Path, name: str) -> Path:
                       root / "FashionMNIST" / "raw" / f"{name}.gz"):
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(
+    raise DataNotFoundError(
         f"Fashion-MNIST file {name}(.gz) not found under data root {str(root)!r}. "
         "Install it with `apt-get install dataset-fashion-mnist` (files land in "
         f"{DEFAULT_ROOT}) or point --data.init_args.data_root at a folder holding the idx files."
@@ -41,7 +45,7 @@ def load_fashion_mnist(root: str | Path = DEFAULT_ROOT, split: str = "train") ->
     """uint8 images (N, 28, 28) and int64 labels (N,)."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(
+        raise DataNotFoundError(
             f"Fashion-MNIST data root {str(root)!r} does not exist. Install it with "
             f"`apt-get install dataset-fashion-mnist` (files land in {DEFAULT_ROOT}) or pass the folder that "
             "holds the idx files."

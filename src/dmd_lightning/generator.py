@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import Tensor, nn
 
 from .denoisers import Denoiser
+from .schedule import VPSchedule
 
 
 class OneStepGenerator(nn.Module):
@@ -20,6 +22,14 @@ class OneStepGenerator(nn.Module):
         super().__init__()
         self.denoiser = denoiser
         self.timestep = denoiser.schedule.T - 1 if timestep is None else timestep
+        gain = error_gain(denoiser.schedule, self.timestep)
+        if gain > 50:
+            warnings.warn(
+                f"the teacher's x0-prediction at t={self.timestep} multiplies its {denoiser.schedule.prediction_type} "
+                f"error by {gain:.0f} (alpha_t = {1 / gain:.4f}): the one-step initialization will be mostly noise. "
+                "Teachers with v-prediction, or a schedule with larger alpha_T (scaled_linear), start far better.",
+                stacklevel=2,
+            )
 
     @classmethod
     def from_teacher(cls, teacher: Denoiser, timestep: int | None = None) -> "OneStepGenerator":
@@ -28,3 +38,9 @@ class OneStepGenerator(nn.Module):
     def forward(self, z: Tensor, cond=None) -> Tensor:
         t = torch.full((z.shape[0],), self.timestep, device=z.device, dtype=torch.long)
         return self.denoiser(z, t, cond)
+
+
+def error_gain(schedule: VPSchedule, t: int) -> float:
+    """How much an error in the network's output grows in the x0 estimate at timestep t (1 for x0/v at t=T)."""
+    alpha, sigma = (float(v) for v in schedule.alpha_sigma(torch.tensor([t])))
+    return {"epsilon": sigma / alpha, "v_prediction": sigma, "sample": 1.0}[schedule.prediction_type]

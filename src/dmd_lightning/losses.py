@@ -28,10 +28,11 @@ def distribution_matching_loss(
     t_range: tuple[float, float] = (0.02, 0.98),
     t: Tensor | None = None,
     normalize: bool = True,
+    eps: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """DMD generator loss whose gradient w.r.t. x is the distribution-matching gradient (paper Eq. 7-8).
 
-    x: generator samples (B, ...), with grad. t ~ U[t_range * T] unless given. The real denoiser runs with
+    x: generator samples (B, ...), with grad. t ~ U[t_range * T] and eps ~ N(0, I) unless given. The real denoiser runs with
     classifier-free guidance, the fake one without. grad = (mu_fake - mu_real) / mean|x - mu_real| per
     sample (Eq. 8's weighting w_t); descending moves x from the fake towards the real distribution.
     fake=None is the 'real score only' ablation: mu_fake is replaced by x itself (pure mode seeking).
@@ -43,7 +44,7 @@ def distribution_matching_loss(
         if t is None:
             t = schedule.sample_t(x.shape[0], *t_range, device=x.device)
         x0 = x.detach().float()
-        x_t = schedule.add_noise(x0, torch.randn_like(x0), t)
+        x_t = schedule.add_noise(x0, torch.randn_like(x0) if eps is None else eps.to(x0), t)
         mu_real = guided(real, x_t, t, cond, guidance_scale).float()
         mu_fake = fake(x_t, t, cond).float() if fake is not None else x0
         grad = mu_fake - mu_real
@@ -63,13 +64,15 @@ def distribution_matching_loss(
     return loss, stats
 
 
-def denoising_loss(fake: Denoiser, x: Tensor, cond=None) -> Tensor:
+def denoising_loss(fake: Denoiser, x: Tensor, cond=None, t: Tensor | None = None, eps: Tensor | None = None) -> Tensor:
     """Fake-score loss on detached generator samples: t over the whole range, weighted as the fake network's
-    own parameterization is trained (epsilon: SNR, v: SNR + 1, x_0: 1), i.e. its plain MSE."""
+    own parameterization is trained (epsilon: SNR, v: SNR + 1, x_0: 1), i.e. its plain MSE. t and eps are
+    drawn from the global RNG unless given."""
     schedule = fake.schedule
     x0 = x.detach()
-    t = torch.randint(0, schedule.T, (x0.shape[0],), device=x0.device)
-    x_t = schedule.add_noise(x0, torch.randn_like(x0), t)
+    if t is None:
+        t = torch.randint(0, schedule.T, (x0.shape[0],), device=x0.device)
+    x_t = schedule.add_noise(x0, torch.randn_like(x0) if eps is None else eps.to(x0), t)
     err = _per_sample_mean((fake(x_t, t, cond).float() - x0.float()) ** 2)
     return (schedule.loss_weight(t).to(err) * err).mean()
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import copy
+import random
 
+import numpy as np
 import torch
 from lightning import LightningModule
+from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 
 from .denoisers import Denoiser
@@ -19,6 +22,10 @@ class NonFiniteError(RuntimeError):
     """A loss or gradient was NaN/inf and the module was told to stop."""
 
 
+class ShapeMismatchError(ValueError):
+    """The data's sample shape does not fit the teacher."""
+
+
 class DMDModule(LightningModule):
     """Distribution Matching Distillation with manual optimization.
 
@@ -30,6 +37,11 @@ class DMDModule(LightningModule):
 
     Ablations (paper Table 2): `dm_weight=0` is regression only; `use_fake_score=False` is the real score
     alone; `regression_loss=None` is DMD without regression.
+
+    The losses' t and eps come from the module's own generator (seeded by `torch.initial_seed()`), drawn for
+    the global batch of all ranks, each rank using its slice: a DDP run matches a single process with the
+    global batch, and the generator's state is checkpointed, so a resumed run continues the same trajectory.
+    Checkpoints also hold the global torch / numpy / python RNG states, restored before the first resumed step.
     """
 
     def __init__(
@@ -68,6 +80,8 @@ class DMDModule(LightningModule):
         self.regression_loss = regression_loss
         self.evaluator = evaluator
         self.iteration = 0  # training iterations done; with the ratio it gives the update phase
+        self._noise: torch.Generator | None = None  # the losses' t and eps; created on the training device
+        self._restored: dict | None = None  # RNG states from a checkpoint, applied before the next step
 
     # ----------------------------------------------------------------------------------------------- setup
     def train(self, mode: bool = True):
@@ -75,6 +89,16 @@ class DMDModule(LightningModule):
         self.teacher.eval()  # frozen networks stay in eval mode through Lightning's .train() calls
         self.generator_ema.eval()
         return self
+
+    def setup(self, stage: str) -> None:
+        # Each backward pass reaches one network only (the other is toggled off), so DDP must look for unused
+        # parameters; otherwise it waits for the other network's gradients and fails. Set before DDP wraps us.
+        ddp_kwargs = getattr(self.trainer.strategy, "_ddp_kwargs", None)
+        if isinstance(self.trainer.strategy, DDPStrategy) and ddp_kwargs is not None:
+            ddp_kwargs["find_unused_parameters"] = True
+        shape = getattr(getattr(self.trainer, "datamodule", None), "sample_shape", None)
+        if shape is not None:
+            check_sample_shape(self.teacher, tuple(shape))
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -107,8 +131,9 @@ class DMDModule(LightningModule):
             terms = {}
             if hp.dm_weight > 0:
                 fake = self.fake_score if hp.use_fake_score else None
+                t, eps = self._draw(x, self.teacher.schedule, tuple(hp.t_range))
                 terms["dm"], stats = distribution_matching_loss(
-                    x, self.teacher, fake, cond, hp.guidance_scale, tuple(hp.t_range)
+                    x, self.teacher, fake, cond, hp.guidance_scale, t=t, eps=eps
                 )
                 self.log_dict(stats, on_step=True)
             if self.regression_loss is not None and hp.regression_weight > 0 and "pair_z" in batch:
@@ -126,10 +151,28 @@ class DMDModule(LightningModule):
 
         if self.trains_fake_score:
             self.toggle_optimizer(opt_f)
-            loss_f = denoising_loss(self.fake_score, x, cond)
+            t, eps = self._draw(x, self.fake_score.schedule, (0.0, 1.0))
+            loss_f = denoising_loss(self.fake_score, x, cond, t, eps)
             self._step(opt_f, sch_f, self.fake_score, loss_f, {"denoising": loss_f}, "fake_score")
             self.untoggle_optimizer(opt_f)
         self.log("train/iteration", float(self.iteration), on_step=True)
+
+    def _draw(self, x: Tensor, schedule, t_range: tuple[float, float]) -> tuple[Tensor, Tensor]:
+        """t ~ U[t_range * T] (B,) and eps ~ N(0, I) like x, this rank's slice of a draw for the global batch."""
+        if self._noise is None or self._noise.device != x.device:
+            self._noise = torch.Generator(device=x.device).manual_seed(torch.initial_seed())
+        rank, world = (self.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
+        n = x.shape[0]
+        t = schedule.sample_t(n * world, *t_range, device=x.device, generator=self._noise)
+        eps = torch.randn((n * world, *x.shape[1:]), device=x.device, generator=self._noise)
+        return t[rank * n:(rank + 1) * n], eps[rank * n:(rank + 1) * n]
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if self._restored is not None:  # here, not in on_load_checkpoint: loader set-up still draws numbers
+            set_rng_states(self._restored["global"])
+            self._noise = torch.Generator(device=self.device)
+            self._noise.set_state(self._restored["noise"])
+            self._restored = None
 
     def _step(self, opt, sched, net: nn.Module, loss: Tensor, terms: dict, name: str) -> None:
         """Backward, clip, check for non-finite values, step. Logs every term and the gradient norm."""
@@ -139,14 +182,20 @@ class DMDModule(LightningModule):
         bad = [k for k, v in terms.items() if not torch.isfinite(v)]
         if not torch.isfinite(grad_norm):
             bad.append("gradient")
+        # every rank must take the same decision, or the replicas drift apart
+        if self.trainer.strategy.reduce_boolean_decision(bool(bad), all=False) and not bad:
+            bad.append("loss or gradient on another rank")
         for k, v in terms.items():
             self.log(f"{name}/loss_{k}", v, on_step=True, prog_bar=True)
         self.log(f"{name}/grad_norm", grad_norm, on_step=True)
         self.log(f"{name}/lr", sched.get_last_lr()[0], on_step=True)
         if bad:
-            msg = f"non-finite {', '.join(bad)} in the {name} update at iteration {self.iteration}"
+            msg = (f"non-finite {', '.join(bad)} in the {name} update at iteration {self.iteration} "
+                   f"(global step {self.global_step})")
             if self.hparams.on_nonfinite == "stop":
                 raise NonFiniteError(msg)
+            if not is_finite_module(net):  # every later step would be skipped too, and global_step never grows
+                raise NonFiniteError(f"{msg}: the {name}'s weights are non-finite, skipping cannot recover")
             self.print(f"warning: {msg}; update skipped")
             self.log(f"{name}/skipped", 1.0, on_step=True)
         else:
@@ -192,10 +241,55 @@ class DMDModule(LightningModule):
             if not is_finite_module(getattr(self, name)):
                 raise NonFiniteError(f"{name} has non-finite weights at iteration {self.iteration}; not saving")
         checkpoint["dmd_iteration"] = self.iteration
+        checkpoint["dmd_rng"] = {"global": rng_states(), "noise": self._noise.get_state() if self._noise is not None else None}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.iteration = int(checkpoint.get("dmd_iteration", 0))
+        rng = checkpoint.get("dmd_rng")
+        self._restored = rng if rng is not None and rng["noise"] is not None else None
 
 
 def is_finite_module(net: nn.Module) -> bool:
     return all(bool(torch.isfinite(p.detach()).all()) for p in net.parameters())
+
+
+def rng_states() -> dict:
+    """torch, CUDA, numpy and python RNG states, as tensors and plain types (loadable with weights_only=True)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+            "python": random.getstate()}
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def check_sample_shape(teacher: Denoiser, shape: tuple[int, ...]) -> None:
+    """ShapeMismatchError naming both shapes when data of `shape` (C, H, W) cannot go through a UNet teacher.
+
+    Channels must match; a pixel-space UNet2DModel needs its sample_size, a text-conditional UNet (latents)
+    a size divisible by its total downsampling."""
+    unet = getattr(teacher, "unet", None)
+    config = getattr(unet, "config", None)
+    if config is None or "in_channels" not in config:
+        return
+    size = config.get("sample_size")
+    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+    want = (config["in_channels"], *size)
+    text = getattr(teacher, "text_conditional", False)
+    factor = 2 ** (len(config.get("block_out_channels", [0])) - 1)
+    fits = len(shape) == 3 and shape[0] == want[0] and (
+        all(s % factor == 0 for s in shape[1:]) if text else tuple(shape[1:]) == size)
+    if not fits:
+        need = f"(C, H, W) = {want}" if not text else f"{want[0]} channels and H, W divisible by {factor}"
+        raise ShapeMismatchError(f"the data's samples have shape {tuple(shape)} but the teacher "
+                                 f"{type(unet).__name__} takes {need}; fix the data (pairs made by this "
+                                 "teacher) or the teacher")

@@ -165,6 +165,15 @@ class PairWriter(BasePredictionWriter):
                                  "use another out_dir or delete the folder")
         elif trainer.is_global_zero:
             write_manifest(self.out_dir, manifest)
+        self.remove_stale_files(trainer.global_rank, trainer.world_size)
+
+    def remove_stale_files(self, rank: int, world: int) -> None:
+        """Delete the temporary files a killed run left behind, of this rank's shards only (no other rank
+        writes them, so none is in use)."""
+        for tmp in self.out_dir.glob(".shard-*.safetensors.tmp-*"):
+            shard = tmp.name.split(".")[1].removeprefix("shard-")
+            if shard.isdigit() and int(shard) % world == rank:
+                tmp.unlink(missing_ok=True)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         dm = trainer.datamodule

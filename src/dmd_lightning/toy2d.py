@@ -7,13 +7,12 @@ true weights (total variation) and the fraction of modes covered measure each va
 from __future__ import annotations
 
 import math
-from typing import Iterator
 
 import torch
-from lightning import LightningDataModule
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
+from .data import StreamDataModule
 from .denoisers import Denoiser
 from .evaluation import Evaluator
 from .samplers import make_scheduler, sample_ode
@@ -143,23 +142,11 @@ def mode_statistics(x: Tensor, means: Tensor, weights: Tensor, std: float, radiu
     }
 
 
-class _NoiseStream(IterableDataset):
-    """Endless batches: fresh DM noise and a random draw of regression pairs, from one seeded generator."""
+class ToyDataModule(StreamDataModule):
+    """Noise for the DM loss, and noise-sample pairs from the mixture's exact probability-flow ODE.
 
-    def __init__(self, pair_z: Tensor, pair_x: Tensor, batch_size: int, pair_batch_size: int, seed: int):
-        self.pair_z, self.pair_x = pair_z, pair_x
-        self.batch_size, self.pair_batch_size, self.seed = batch_size, pair_batch_size, seed
-
-    def __iter__(self) -> Iterator[dict]:
-        g = torch.Generator().manual_seed(self.seed)
-        while True:
-            idx = torch.randint(0, len(self.pair_z), (self.pair_batch_size,), generator=g)
-            yield {"z": torch.randn(self.batch_size, 2, generator=g), "pair_z": self.pair_z[idx],
-                   "pair_x": self.pair_x[idx]}
-
-
-class ToyDataModule(LightningDataModule):
-    """Noise for the DM loss, and noise-sample pairs from the mixture's exact probability-flow ODE."""
+    `batch_size` and `pair_batch_size` are per device; the stream position is checkpointed.
+    """
 
     def __init__(self, mixture: str = "ring8", batch_size: int = 256, pair_batch_size: int = 256,
                  num_pairs: int = 4096, sampler: str = "heun", sampler_steps: int = 100, val_size: int = 8192,
@@ -174,9 +161,17 @@ class ToyDataModule(LightningDataModule):
             self.pairs = make_pairs(self.hparams.mixture, self.hparams.num_pairs, self.schedule,
                                     self.hparams.sampler, self.hparams.sampler_steps, self.hparams.seed)
 
+    sample_shape = (2,)
+
+    def train_batch(self, g: torch.Generator, world: int) -> dict[str, Tensor]:
+        """A global batch for `world` devices: fresh DM noise and a random draw of regression pairs."""
+        pair_z, pair_x = self.pairs
+        idx = torch.randint(0, len(pair_z), (self.hparams.pair_batch_size * world,), generator=g)
+        return {"z": torch.randn(self.hparams.batch_size * world, 2, generator=g), "pair_z": pair_z[idx],
+                "pair_x": pair_x[idx]}
+
     def train_dataloader(self) -> DataLoader:
-        hp = self.hparams
-        return DataLoader(_NoiseStream(*self.pairs, hp.batch_size, hp.pair_batch_size, hp.seed + 1), batch_size=None)
+        return self.stream_loader(self.train_batch, self.hparams.seed + 1)
 
     def val_dataloader(self) -> DataLoader:
         z = torch.randn(self.hparams.val_size, 2, generator=torch.Generator().manual_seed(self.hparams.seed + 2))

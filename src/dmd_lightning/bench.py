@@ -1,0 +1,444 @@
+"""`make bench`: speed and memory of the project's code paths as ratios, each measured side by side in one run.
+
+python -m dmd_lightning.bench [--quick] [--out runs/bench] [--sd15] [--threads 1]
+
+Rows, per model: (1) one-step generation vs the teacher's sampler on the same batch and noise, wall-time ratio
+beside the ratio of network evaluations (counted by a hook on the UNet: a CFG step batched as 2x counts 2);
+(2) a DMD training iteration driven by Lightning's Trainer vs the sum of the network passes it needs, each timed
+alone; (3) pair generation by PairGenerator vs diffusers' own loop (DDIMPipeline for unconditional UNets);
+(4) peak memory of a training step with and without gradient checkpointing. Every figure is a median after a
+warm-up. Writes bench.md and bench.json under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from lightning import Callback, Trainer
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from .denoisers import Denoiser, PretrainedUNetDenoiser, UNetDenoiser, guided
+from .generator import OneStepGenerator
+from .losses import L2Loss
+from .module import DMDModule
+from .pairs import PairGenerator
+from .samplers import make_scheduler, sample_ode
+from .schedule import VPSchedule
+
+SD15_UNET = dict(  # runwayml/stable-diffusion-v1-5 unet/config.json
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8,
+)
+TINY_SD_UNET = dict(SD15_UNET, sample_size=8, block_out_channels=(32, 32, 64, 64), cross_attention_dim=32,
+                    attention_head_dim=4, norm_num_groups=8)
+SD_SCHEDULE = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+DMD_STEP_TARGET = 1.15  # a Trainer-driven iteration costs at most this times the sum of its network passes
+PAIRS_TARGET = 1.0  # PairGenerator at least as fast as diffusers' own loop
+
+
+@dataclass
+class Case:
+    """A teacher and the settings of its pairs config: the batch, the sampler and the guidance."""
+
+    name: str
+    teacher: Denoiser
+    make_cond: Callable[[int], Tensor | None]
+    batch: int
+    sampler: str = "ddim"
+    steps: int = 50
+    guidance: float = 1.0
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        c = self.teacher.unet.config
+        return (c["in_channels"], c["sample_size"], c["sample_size"])
+
+    def noise(self, n: int, seed: int = 0) -> Tensor:
+        # drawn on the CPU as diffusers' randn_tensor does with a CPU generator, then moved
+        return torch.randn((n, *self.shape), generator=torch.Generator().manual_seed(seed)).to(device())
+
+
+def quiet() -> None:
+    """Lightning's banners and the libraries' warnings would bury the table."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast():
+    """bf16 autocast on a GPU (as the Trainer's bf16-mixed), nothing on the CPU: both sides of a ratio use it."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.cuda.is_available())
+
+
+def make_case(name: str, quick: bool = False) -> Case:
+    """fmnist: the shipped teacher; tiny-sd / sd15: a random UNet2DConditionModel of SD1.5's layout; tiny:
+    a random unconditional UNet2DModel (its reference in row 3 is DDIMPipeline itself)."""
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    torch.manual_seed(0)
+    dev = device()
+    if name == "fmnist":
+        teacher = PretrainedUNetDenoiser("weights/fmnist-teacher").to(dev)
+        return Case(name, teacher, lambda n: torch.arange(n, device=dev) % 10, batch=4 if quick else 16)
+    if name == "tiny":
+        unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                           down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                           up_block_types=("AttnUpBlock2D", "UpBlock2D"), layers_per_block=1, norm_num_groups=4)
+        return Case(name, UNetDenoiser(unet, VPSchedule()).to(dev), lambda n: None, batch=2 if quick else 8)
+    if name in ("tiny-sd", "sd15"):
+        with torch.device(dev):  # random init on the GPU: seconds, not minutes
+            unet = UNet2DConditionModel(**(TINY_SD_UNET if name == "tiny-sd" else SD15_UNET))
+        dim = unet.config.cross_attention_dim
+        teacher = UNetDenoiser(unet, VPSchedule(**SD_SCHEDULE), null_embedding=torch.zeros(1, 77, dim)).to(dev)
+        batch = (2 if quick else 4) if name == "tiny-sd" else 4
+        return Case(name, teacher, lambda n: torch.randn(n, 77, dim, device=dev), batch, "pndm", 50, 3.0)
+    raise ValueError(f"unknown case {name!r}")
+
+
+def median_time(fn: Callable[[], object], repeat: int, warmup: int = 1) -> float:
+    """Median wall time of fn() over `repeat` runs after `warmup` runs (CUDA synchronized)."""
+    times = []
+    for i in range(warmup + repeat):
+        torch.cuda.synchronize() if torch.cuda.is_available() else None
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize() if torch.cuda.is_available() else None
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def count_nfe(unet: torch.nn.Module, batch: int, fn: Callable[[], object]) -> float:
+    """Network evaluations per sample of fn(): rows passed through `unet`, divided by the batch."""
+    rows = []
+    handle = unet.register_forward_pre_hook(lambda m, args, kwargs: rows.append(len(args[0] if args else kwargs["sample"])),
+                                            with_kwargs=True)
+    try:
+        fn()
+    finally:
+        handle.remove()
+    return sum(rows) / batch
+
+
+# ------------------------------------------------------------------------------------ 1. one step vs sampler
+@torch.no_grad()
+def bench_one_step(case: Case, repeat: int = 3, warmup: int = 1) -> dict:
+    """One-step generator vs the teacher's ODE sampler (case.sampler, case.steps, CFG case.guidance)."""
+    b, teacher = case.batch, case.teacher
+    z, cond = case.noise(b), case.make_cond(b)
+    gen = OneStepGenerator(teacher)  # the generator at initialization: the same network as the student
+    one_step = lambda: gen(z, cond)  # noqa: E731
+    sampler = lambda: sample_ode(teacher, z, make_scheduler(case.sampler, teacher.schedule.config),  # noqa: E731
+                                 case.steps, cond, case.guidance)
+    with autocast():
+        nfe_one, nfe_sampler = count_nfe(teacher.unet, b, one_step), count_nfe(teacher.unet, b, sampler)
+        t_one, t_sampler = median_time(one_step, repeat, warmup), median_time(sampler, repeat, warmup)
+    wall, nfe = t_sampler / t_one, nfe_sampler / nfe_one
+    return {"batch": b, "sampler": f"{case.sampler} {case.steps} steps, guidance {case.guidance}",
+            "one_step_s": t_one, "sampler_s": t_sampler, "nfe_one_step": nfe_one, "nfe_sampler": nfe_sampler,
+            "wall_ratio": wall, "nfe_ratio": nfe, "wall_over_nfe": wall / nfe}
+
+
+# ------------------------------------------------------------------------------- 2. DMD step vs its passes
+class StepTimer(Callback):
+    """Wall time of each training iteration, on_train_batch_start to on_train_batch_end."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def on_train_batch_start(self, *args) -> None:
+        torch.cuda.synchronize() if torch.cuda.is_available() else None
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, *args) -> None:
+        torch.cuda.synchronize() if torch.cuda.is_available() else None
+        self.times.append(time.perf_counter() - self.start)
+
+
+def dmd_batch(case: Case) -> dict:
+    """A DM batch of fresh noise and a regression batch of (noise, image) pairs, both of case.batch."""
+    b = case.batch
+    batch = {"z": case.noise(b, 1), "pair_z": case.noise(b, 2), "pair_x": case.noise(b, 3).clamp(-1, 1)}
+    cond, pair_cond = case.make_cond(b), case.make_cond(b)
+    return {**batch, **({"cond": cond, "pair_cond": pair_cond} if cond is not None else {})}
+
+
+def dmd_module(case: Case, checkpointing: bool = False) -> DMDModule:
+    teacher = copy.deepcopy(case.teacher)
+    if checkpointing:  # the generator and the fake score are copies of the teacher: they inherit it
+        teacher.unet.enable_gradient_checkpointing()
+    return DMDModule(teacher, regression_loss=L2Loss(), guidance_scale=case.guidance, warmup_steps=1)
+
+
+def fit_steps(module: DMDModule, batch: dict, iterations: int, callbacks: list) -> None:
+    """`iterations` DMD iterations (2 optimizer steps each) by Lightning's Trainer, as `dmd fit` runs them."""
+    gpu = torch.cuda.is_available()
+    trainer = Trainer(accelerator="gpu" if gpu else "cpu", devices=1, precision="bf16-mixed" if gpu else "32-true",
+                      max_steps=2 * iterations, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks)
+    trainer.fit(module, DataLoader([{k: v.cpu() for k, v in batch.items()}] * iterations, batch_size=None))
+
+
+def network_passes(case: Case, batch: dict, repeat: int, warmup: int) -> dict[str, float]:
+    """Median seconds of each network pass of a DMD iteration, timed alone on copies of the teacher."""
+    teacher = case.teacher
+    gen = OneStepGenerator.from_teacher(teacher).train()
+    fake = copy.deepcopy(teacher).requires_grad_(True).train()
+    opt = torch.optim.AdamW(fake.parameters(), lr=1e-5)
+    z, cond, pz, pc = batch["z"], batch.get("cond"), batch["pair_z"], batch.get("pair_cond")
+    t = torch.full((len(z),), teacher.schedule.T // 2, device=z.device)
+    x_t = teacher.schedule.add_noise(z, torch.randn_like(z), t)
+
+    def generator_forward_backward():  # DM batch + regression batch, one backward (outside autocast, as Lightning)
+        with autocast():
+            loss = gen(z, cond).float().square().mean() + gen(pz, pc).float().square().mean()
+        loss.backward()
+        gen.zero_grad(set_to_none=True)
+
+    def fake_update():
+        with autocast():
+            loss = fake(x_t, t, cond).float().square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    with torch.no_grad(), autocast():  # classifier-free guidance: one pass of 2x the batch
+        real = median_time(lambda: guided(teacher, x_t, t, cond, case.guidance), repeat, warmup)
+        fake_fwd = median_time(lambda: fake(x_t, t, cond), repeat, warmup)
+    return {"generator forward+backward": median_time(generator_forward_backward, repeat, warmup),
+            "real forward (CFG)": real, "fake forward": fake_fwd,
+            "fake-score update": median_time(fake_update, repeat, warmup)}
+
+
+def bench_dmd_step(case: Case, repeat: int = 5, warmup: int = 2) -> dict:
+    """A Trainer-driven DMD iteration vs the sum of its network passes each timed alone; target <= 1.15."""
+    batch = dmd_batch(case)
+    timer = StepTimer()
+    fit_steps(dmd_module(case), batch, warmup + repeat, [timer])
+    step = sorted(timer.times[warmup:])[len(timer.times[warmup:]) // 2]
+    passes = network_passes(case, batch, repeat, warmup)
+    total = sum(passes.values())
+    return {"batch": f"{case.batch} DM + {case.batch} regression", "step_s": step, "passes_s": passes,
+            "sum_s": total, "ratio": step / total, "target": DMD_STEP_TARGET, "met": step / total <= DMD_STEP_TARGET}
+
+
+# ----------------------------------------------------------------------------------- 3. pairs vs diffusers
+@torch.no_grad()
+def diffusers_loop(unet, scheduler, noise: Tensor, steps: int, cond=None, null=None, guidance: float = 1.0) -> Tensor:
+    """diffusers' sampling loop as its pipelines write it (DDIMPipeline; StableDiffusionPipeline's CFG):
+    unet on the (doubled) latents, guidance on its output, scheduler.step."""
+    scheduler.set_timesteps(steps, device=noise.device)
+    x = noise * scheduler.init_noise_sigma
+    cfg = guidance != 1.0 and null is not None
+    text = "cross_attention_dim" in unet.config
+    for t in scheduler.timesteps:
+        x_in = scheduler.scale_model_input(torch.cat([x, x]) if cfg else x, t)
+        c = torch.cat([null, cond]) if cfg else cond
+        out = unet(x_in, t, encoder_hidden_states=c).sample if text else unet(x_in, t, class_labels=c).sample
+        if cfg:
+            uncond, conditional = out.chunk(2)
+            out = uncond + guidance * (conditional - uncond)
+        x = scheduler.step(out, t, x).prev_sample
+    return x
+
+
+def bench_pairs(case: Case, repeat: int = 3, warmup: int = 1) -> dict:
+    """PairGenerator.predict_step vs diffusers on the same UNet, scheduler, steps, batch and noise (images/s)."""
+    from diffusers import DDIMPipeline
+
+    b, teacher = case.batch, case.teacher
+    noise, cond = case.noise(b), case.make_cond(b)
+    model = PairGenerator(teacher, case.sampler, case.steps, case.guidance).to(noise.device)
+    batch = {"noise": noise, **({"cond": cond} if cond is not None else {})}
+    scheduler = lambda: make_scheduler(case.sampler, teacher.schedule.config)  # noqa: E731  fresh per run
+    project = lambda: model.predict_step(batch)["x"]  # noqa: E731
+    if cond is None and case.sampler == "ddim":  # the pipeline itself (its noise: case.noise's seed 0)
+        pipe = DDIMPipeline(teacher.unet, scheduler()).to(noise.device)
+        pipe.set_progress_bar_config(disable=True)
+        reference_name = "DDIMPipeline"
+        reference = lambda: pipe(b, torch.Generator().manual_seed(0), num_inference_steps=case.steps,  # noqa: E731
+                                 output_type="pt").images * 2 - 1  # the pipeline maps to [0, 1] and clamps
+    else:
+        reference_name = "diffusers pipeline loop"
+        null = teacher.null_cond(cond) if cond is not None else None
+        reference = lambda: diffusers_loop(teacher.unet, scheduler(), noise, case.steps, cond, null,  # noqa: E731
+                                           case.guidance)
+    with autocast():
+        diff = (project().float().clamp(-1, 1) - reference().float().clamp(-1, 1)).abs().max().item()
+        t_project, t_reference = median_time(project, repeat, warmup), median_time(reference, repeat, warmup)
+    ratio = t_reference / t_project  # = (images/s project) / (images/s reference)
+    return {"batch": b, "reference": reference_name, "sampler": f"{case.sampler} {case.steps} steps",
+            "project_images_per_s": b / t_project, "reference_images_per_s": b / t_reference, "ratio": ratio,
+            "target": PAIRS_TARGET, "met": ratio >= PAIRS_TARGET, "max_abs_diff": diff}
+
+
+# ------------------------------------------------------------------------------------------ 4. peak memory
+def step_peak(name: str, quick: bool, checkpointing: bool, iterations: int = 2, queue=None) -> int:
+    """Bytes a Trainer-driven DMD step adds to the peak: torch's CUDA allocator on a GPU; on the CPU (in a fresh
+    process) the peak RSS (VmHWM, reset by /proc/self/clear_refs) minus the RSS before it, after a warm-up fit
+    (imports, kernels) and malloc_trim: torch's CPU allocations are invisible to tracemalloc."""
+    case = make_case(name, quick)
+    module, batch = dmd_module(case, checkpointing), dmd_batch(case)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fit_steps(module, batch, iterations, [])
+        return torch.cuda.max_memory_allocated() - base
+    import ctypes
+
+    def kib(key: str) -> int:
+        return next(int(ln.split()[1]) for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith(key))
+
+    fit_steps(module, batch, 1, [])
+    ctypes.CDLL(None).malloc_trim(0)  # give the warm-up's freed memory back to the system
+    before = kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    fit_steps(module, batch, iterations, [])
+    queue.put((kib("VmHWM") - before) * 1024)
+
+
+def peak_memory(name: str, quick: bool, checkpointing: bool) -> int:
+    if torch.cuda.is_available():
+        peak = step_peak(name, quick, checkpointing)
+        torch.cuda.empty_cache()
+        return peak
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(torch.get_num_threads(), name, quick, checkpointing, 2, queue))
+    proc.start()
+    peak = queue.get(timeout=600)
+    proc.join()
+    return peak
+
+
+def _child(threads: int, *args) -> None:
+    quiet()
+    torch.set_num_threads(threads)
+    step_peak(*args)
+
+
+def bench_memory(name: str, quick: bool = False) -> dict:
+    """Peak memory of a DMD step with and without gradient checkpointing (generator and fake score)."""
+    kind = "CUDA max_memory_allocated" if torch.cuda.is_available() else "peak RSS - RSS before (CPU)"
+    on, off = peak_memory(name, quick, True), peak_memory(name, quick, False)
+    return {"kind": kind, "with_checkpointing_bytes": on, "without_checkpointing_bytes": off,
+            "ratio": on / off if off > 0 else float("nan")}
+
+
+# ---------------------------------------------------------------------------------------------- the report
+def machine() -> dict:
+    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
+    cpu = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")), platform.processor())
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "device": gpu or "cpu", "precision": "bf16 autocast" if gpu else "float32"}
+
+
+def table(title: str, header: list[str], rows: list[list]) -> list[str]:
+    """A markdown table; the first column left-aligned, the others right-aligned."""
+    return ["", f"## {title}", "", "| " + " | ".join(header) + " |",
+            "| --- |" + " ---: |" * (len(header) - 1), *("| " + " | ".join(map(str, r)) + " |" for r in rows)]
+
+
+def markdown(results: dict, m: dict) -> str:
+    def ratio(v: float, met: bool | None = None, digits: int = 2) -> str:
+        text = f"{v:.{digits}f}" if math.isfinite(v) else "-"
+        return text if met is None else f"{text} ({'met' if met else 'NOT met'})"
+
+    ms, mib = (lambda s: f"{s * 1e3:.1f} ms"), (lambda n: f"{n / 2**20:.1f} MiB")
+    r = results
+    lines = [f"# make bench: ratios measured side by side ({m['device']})", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} CPU threads), device "
+             f"{m['device']}, {m['precision']}. Each figure: the median of several repetitions after a warm-up."]
+    lines += table("1. One-step generation vs the teacher's sampler (same batch and noise)",
+                   ["model", "sampler", "batch", "one step", "sampler", "wall ratio", "NFE ratio (the limit)",
+                    "wall / NFE"],
+                   [[k, o["sampler"], o["batch"], ms(o["one_step_s"]), ms(o["sampler_s"]), ratio(o["wall_ratio"], None, 1) + "x",
+                     ratio(o["nfe_ratio"], None, 0) + "x", ratio(o["wall_over_nfe"])] for k, o in
+                    ((k, v["one_step"]) for k, v in r.items())])
+    lines += table("2. DMD training iteration (Lightning Trainer) vs the sum of its network passes, each timed alone",
+                   ["model", "batch", *next(iter(r.values()))["dmd_step"]["passes_s"], "sum", "iteration",
+                    f"ratio (target <= {DMD_STEP_TARGET})"],
+                   [[k, d["batch"], *map(ms, d["passes_s"].values()), ms(d["sum_s"]), ms(d["step_s"]),
+                     ratio(d["ratio"], d["met"])] for k, d in ((k, v["dmd_step"]) for k, v in r.items())])
+    lines += table("3. Pair generation: PairGenerator vs diffusers (same UNet, scheduler, steps, batch and noise)",
+                   ["model", "diffusers side", "sampler", "batch", "project img/s", "diffusers img/s",
+                    f"ratio (target >= {PAIRS_TARGET})", "max abs diff"],
+                   [[k, p["reference"], p["sampler"], p["batch"], f"{p['project_images_per_s']:.2f}",
+                     f"{p['reference_images_per_s']:.2f}", ratio(p["ratio"], p["met"]), f"{p['max_abs_diff']:.1e}"]
+                    for k, p in ((k, v["pairs"]) for k, v in r.items())])
+    lines += table("4. Peak memory of a DMD training step, gradient checkpointing on vs off",
+                   ["model", "measure", "with", "without", "with / without"],
+                   [[k, x["kind"], mib(x["with_checkpointing_bytes"]), mib(x["without_checkpointing_bytes"]),
+                     ratio(x["ratio"])] for k, x in ((k, v["memory"]) for k, v in r.items())])
+    return "\n".join(lines) + "\n"
+
+
+def run(names: list[str], quick: bool = False) -> dict:
+    """Every row for every case; quick: fewer repetitions and smaller batches."""
+    repeat, warmup = (1, 1) if quick else (3, 1)
+    results = {}
+    for name in names:
+        case = make_case(name, quick)
+        print(f"== {name}", flush=True)
+        results[name] = {"one_step": bench_one_step(case, repeat, warmup),
+                         "dmd_step": bench_dmd_step(case, 2 if quick else 5, 1 if quick else 2),
+                         "pairs": bench_pairs(case, repeat, warmup), "memory": bench_memory(name, quick)}
+        del case
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="runs/bench")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions, smaller batches")
+    p.add_argument("--models", nargs="+", default=["fmnist", "tiny-sd", "tiny"])
+    p.add_argument("--sd15", action="store_true", help="also an SD1.5-architecture UNet (random weights; CUDA only)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (0: torch's default). 1 by default: on a small machine shared with other "
+                        "jobs, intra-op threads wait on each other and every figure becomes noise")
+    a = p.parse_args(argv)
+    quiet()
+    if a.threads > 0 and not torch.cuda.is_available():
+        torch.set_num_threads(a.threads)
+    names = list(a.models) + (["sd15"] if a.sd15 and torch.cuda.is_available() else [])
+    if a.sd15 and not torch.cuda.is_available():
+        print("--sd15 needs CUDA; skipped")
+    info = machine()
+    results = run(names, a.quick)
+    table = markdown(results, info)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.md").write_text(table)
+    (out / "bench.json").write_text(json.dumps({"machine": info, "quick": a.quick, "results": results}, indent=2))
+    print("\n" + table + f"\nwritten: {out / 'bench.md'}, {out / 'bench.json'}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

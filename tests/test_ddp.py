@@ -1,0 +1,46 @@
+"""Two gloo processes train the toy to the same parameters, equal to one process with the global batch."""
+
+import torch
+from lightning import Callback, Trainer, seed_everything
+
+from dmd_lightning import DMDModule, L2Loss, VPSchedule
+from dmd_lightning.toy2d import GaussianMixtureDenoiser, MLPDenoiser, MLPGenerator, ToyDataModule
+
+
+class SaveParameters(Callback):
+    """Each rank writes its parameters and optimizer step counts when training ends."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def on_train_end(self, trainer, pl_module):
+        state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        torch.save(state, self.folder / f"rank{trainer.global_rank}-of-{trainer.world_size}.pt")
+
+
+def train(tmp_path, devices: int, batch: int, strategy: str = "auto", steps: int = 9):
+    seed_everything(0)
+    schedule = VPSchedule()
+    module = DMDModule(GaussianMixtureDenoiser(schedule), MLPGenerator(hidden=32), MLPDenoiser(schedule, hidden=32),
+                       regression_loss=L2Loss(), generator_lr=1e-2, fake_lr=1e-2, warmup_steps=2,
+                       fake_updates_per_generator_update=2, ema_decay=0.5)
+    data = ToyDataModule(batch_size=batch, pair_batch_size=batch // 2, num_pairs=64, sampler_steps=10)
+    trainer = Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps, logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                      limit_val_batches=0, default_root_dir=tmp_path, callbacks=[SaveParameters(tmp_path)])
+    trainer.fit(module, datamodule=data)
+
+
+def test_two_gloo_ranks_match_one_process_with_the_global_batch(tmp_path):
+    train(tmp_path, devices=2, batch=16, strategy="ddp_spawn")
+    train(tmp_path, devices=1, batch=32)
+    rank0, rank1, single = (torch.load(tmp_path / f, weights_only=True)
+                            for f in ("rank0-of-2.pt", "rank1-of-2.pt", "rank0-of-1.pt"))
+    start = DMDModule(GaussianMixtureDenoiser(VPSchedule()), MLPGenerator(hidden=32),
+                      MLPDenoiser(VPSchedule(), hidden=32))
+    for name in single:
+        torch.testing.assert_close(rank0[name], rank1[name], rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(rank0[name], single[name], rtol=1e-5, atol=1e-6, msg=name)
+    moved = [n for n in single if n.startswith(("generator.", "fake_score.", "generator_ema."))
+             and not torch.equal(single[n], start.state_dict()[n])]
+    assert any(n.startswith("generator.") for n in moved) and any(n.startswith("fake_score.") for n in moved)

@@ -1,0 +1,268 @@
+"""Stable Diffusion path on a tiny random pipeline saved in diffusers' layout and loaded like real weights:
+prompt files and cached embeddings, latent pairs, DMD steps with decoded-LPIPS regression, text-to-image
+validation wiring, the diffusers export round trip, sd15.yaml end to end, and the offline error."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dmd_lightning import DMDModule, LPIPSLoss
+from dmd_lightning.cli import DMDTrainer, cli
+from dmd_lightning.loading import WeightsNotFoundError
+from dmd_lightning.pair_data import item_noise
+from dmd_lightning.samplers import make_scheduler, sample_ode
+from dmd_lightning.sd import DecodedLPIPSLoss, PromptEmbeddings, SDDenoiser, decode_latents, load_vae
+from dmd_lightning.sd_data import (LatentPairDataset, LatentPairGenerationDataModule, SDDMDDataModule,
+                                   TextPairGenerator, read_prompts)
+
+PROMPTS = ["a cat", "a red dog", "the sea at night", "two birds", "a tree", "blue sky"]
+MAX_LEN = 16
+
+
+def write_tokenizer(folder):
+    """A CLIPTokenizer over single letters (with and without the end-of-word mark)."""
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab.update({c: len(vocab) + i for i, c in enumerate(letters)})
+    vocab.update({c + "</w>": len(vocab) + i for i, c in enumerate(letters)})
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=MAX_LEN)
+    return tok, len(vocab)
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    """A tiny SD1.5-layout pipeline folder (unet, vae, text_encoder, tokenizer, scheduler), a TAESD folder and a
+    CLIP folder, all random."""
+    from diffusers import AutoencoderKL, AutoencoderTiny, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel
+
+    root = tmp_path_factory.mktemp("sd")
+    torch.manual_seed(0)
+    tok, vocab_size = write_tokenizer(root / "vocab")
+    tok.save_pretrained(root / "pipe" / "tokenizer")
+    text = dict(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=MAX_LEN, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    CLIPTextModel(CLIPTextConfig(**text)).save_pretrained(root / "pipe" / "text_encoder")
+    UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4,
+    ).save_pretrained(root / "pipe" / "unet")
+    AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                  block_out_channels=(4, 4, 4, 4), latent_channels=4, layers_per_block=1, norm_num_groups=2,
+                  sample_size=64, scaling_factor=0.18215).save_pretrained(root / "pipe" / "vae")
+    PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, skip_prk_steps=True,
+                  steps_offset=1, set_alpha_to_one=False).save_pretrained(root / "pipe" / "scheduler")
+    AutoencoderTiny(encoder_block_out_channels=(4,) * 4, decoder_block_out_channels=(4,) * 4,
+                    num_encoder_blocks=(1,) * 4, num_decoder_blocks=(1,) * 4).save_pretrained(root / "taesd")
+    vision = dict(image_size=32, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(root / "clip")
+    tok.save_pretrained(root / "clip")
+    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n\n")
+    return {"root": root, "pipe": str(root / "pipe"), "taesd": str(root / "taesd"), "clip": str(root / "clip"),
+            "prompts": str(root / "prompts.txt"), "cache": str(root / "cache")}
+
+
+@pytest.fixture(scope="module")
+def teacher(sd):
+    return SDDenoiser(sd["pipe"], embedding_cache=sd["cache"])
+
+
+@pytest.fixture(scope="module")
+def pairs(sd, teacher):
+    out = sd["root"] / "pairs"
+    dm = LatentPairGenerationDataModule(str(out), sd["prompts"], sd["pipe"], num_pairs=5, shard_size=3,
+                                        resolution=64, batch_size=2, seed=1, embedding_cache=sd["cache"])
+    trainer = DMDTrainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.pairs(TextPairGenerator(teacher, num_steps=3), dm)
+    return out
+
+
+def embed(sd, prompts):
+    return PromptEmbeddings(sd["pipe"], sd["cache"]).load(prompts).float()
+
+
+def test_missing_hub_id_is_one_clear_error():
+    with pytest.raises(WeightsNotFoundError, match="no-such-org/no-such-model.*--local-dir"):
+        SDDenoiser("no-such-org/no-such-model")
+
+
+def test_prompt_files(tmp_path):
+    (tmp_path / "p.csv").write_text('id,caption\n1,"a cat, sitting"\n2,a dog\n')
+    (tmp_path / "bad.csv").write_text("id,words\n1,a cat\n")
+    assert read_prompts(tmp_path / "p.csv") == ["a cat, sitting", "a dog"]
+    with pytest.raises(ValueError, match="no prompt column"):
+        read_prompts(tmp_path / "bad.csv")
+    (tmp_path / "p.parquet").write_bytes(b"PAR1")
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pyarrow"):
+            read_prompts(tmp_path / "p.parquet")
+
+
+def test_prompt_embeddings_are_the_pipelines_and_cached(sd, monkeypatch):
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    cache = PromptEmbeddings(sd["pipe"], sd["cache"])
+    emb = cache.load(PROMPTS[:3])
+    tok = CLIPTokenizer.from_pretrained(sd["pipe"], subfolder="tokenizer")
+    ids = tok(PROMPTS[:3], padding="max_length", max_length=MAX_LEN, truncation=True, return_tensors="pt").input_ids
+    expected = CLIPTextModel.from_pretrained(sd["pipe"], subfolder="text_encoder")(ids)[0]
+    assert emb.dtype == torch.float16 and emb.shape == (3, MAX_LEN, 16)
+    torch.testing.assert_close(emb.float(), expected, atol=2e-3, rtol=2e-3)
+    monkeypatch.setattr("dmd_lightning.sd.load_text_encoder", lambda path: pytest.fail("text encoder ran again"))
+    assert torch.equal(cache.load(PROMPTS[:3]), emb)
+    assert cache.path(PROMPTS[:2]) != cache.path(PROMPTS[:3])
+
+
+def test_sd_denoiser_guides_with_the_empty_prompt(sd, teacher):
+    assert teacher.text_conditional and teacher.schedule.beta_schedule == "scaled_linear"
+    torch.testing.assert_close(teacher.null_embedding, embed(sd, [""]), atol=2e-3, rtol=2e-3)
+    cond = embed(sd, PROMPTS[:2])
+    assert torch.equal(teacher.null_cond(cond)[1], teacher.null_embedding[0].to(cond.dtype))
+    assert teacher(torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), cond).shape == (2, 4, 8, 8)
+    checkpointed = SDDenoiser(sd["pipe"], gradient_checkpointing=True, embedding_cache=sd["cache"])
+    assert checkpointed.unet.is_gradient_checkpointing
+
+
+def test_latent_pairs_are_the_teachers_samples_with_recoverable_prompts(sd, teacher, pairs):
+    data = LatentPairDataset(pairs, expect={"sampler": "pndm", "num_steps": 3, "guidance_scale": 3.0})
+    assert data.x.dtype == torch.float16 and data.x.shape == (5, 4, 8, 8) and data.cond is None
+    assert data.prompts == PROMPTS and data.manifest["num_prompts"] == 6
+    assert len(set(data.prompt_index.tolist())) == 5  # a permutation: distinct prompts for the first N pairs
+    cond = embed(sd, [PROMPTS[i] for i in data.prompt_index.tolist()])
+    sched = make_scheduler("pndm", teacher.schedule.config)
+    noise = torch.stack([item_noise(1, i, [4, 8, 8]) for i in range(5)])  # float32, as the teacher got it
+    torch.testing.assert_close(data.noise, noise.half())
+    expected = sample_ode(teacher, noise, sched, 3, cond, guidance_scale=3.0)
+    torch.testing.assert_close(data.x.float(), expected, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("decoder", ["kl", "tiny"])
+def test_decoded_lpips_reaches_the_latents(sd, decoder):
+    lpips = LPIPSLoss(resize=224 if decoder == "kl" else None, random_backbone=True)  # the paper's 224 once
+    loss = DecodedLPIPSLoss(sd["pipe"] if decoder == "kl" else sd["taesd"], lpips, decoder)
+    assert not any(p.requires_grad for p in loss.parameters()) and loss.vae.encoder is None
+    pred, target = torch.randn(2, 4, 8, 8, requires_grad=True), torch.randn(2, 4, 8, 8)
+    value = loss(pred, target)
+    value.backward()
+    assert value > 0 and pred.grad.abs().sum() > 0
+    assert decode_latents(loss.vae, target).shape == (2, 3, 64, 64)
+
+
+def test_dmd_fit_steps_with_decoded_lpips(sd, teacher, pairs, tmp_path):
+    regression = DecodedLPIPSLoss(sd["pipe"], LPIPSLoss(resize=None, random_backbone=True))
+    module = DMDModule(teacher, regression_loss=regression,
+                       guidance_scale=3.0, generator_lr=1e-3, fake_lr=1e-3, warmup_steps=1)
+    dm = SDDMDDataModule(str(pairs), sd["prompts"], sd["pipe"], embedding_cache=sd["cache"], batch_size=2,
+                         pair_batch_size=2, expect={"teacher": sd["pipe"], "guidance_scale": 3.0})
+    g0 = [p.detach().clone() for p in module.generator.parameters()]
+    trainer = DMDTrainer(accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+                         default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=dm)
+    assert module.iteration == 2 and torch.isfinite(trainer.callback_metrics["generator/loss_regression"])
+    assert any(not torch.equal(a, b) for a, b in zip(g0, module.generator.parameters()))
+    batch = dm.stream.batch(0)
+    assert batch["cond"].shape == (2, MAX_LEN, 16) and batch["pair_cond"].shape == (2, MAX_LEN, 16)
+    assert torch.equal(batch["z"], dm.stream.batch(0)["z"])  # batch k depends only on (seed, k): resumable
+
+
+def test_validate_decodes_resizes_and_calls_fidelity_with_local_inception(sd, teacher, pairs, tmp_path, monkeypatch):
+    import torch_fidelity
+    from PIL import Image
+
+    from dmd_lightning.sd_eval import TextToImageEvaluator, to_uint8
+
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for i in range(3):
+        Image.fromarray((torch.rand(300, 400, 3) * 255).byte().numpy()).save(refs / f"{i}.png")
+    (tmp_path / "inception.pth").write_bytes(b"stand-in")
+    calls = []
+    monkeypatch.setattr(torch_fidelity, "calculate_metrics",
+                        lambda **kw: calls.append(kw) or {torch_fidelity.KEY_METRIC_FID: 12.5})
+    evaluator = TextToImageEvaluator(sd["pipe"], str(refs), str(tmp_path / "inception.pth"), clip=sd["clip"],
+                                     cache_dir=str(tmp_path / "fid"))
+    module = DMDModule(teacher, evaluator=evaluator)
+    dm = SDDMDDataModule(str(pairs), sd["prompts"], sd["pipe"], embedding_cache=sd["cache"], val_size=3,
+                         val_batch_size=2)
+    trainer = DMDTrainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    metrics = trainer.validate(module, datamodule=dm)[0]
+    assert metrics["val/fid"] == 12.5 and 0 <= metrics["val/clip_score"] <= 100
+    kw = calls[0]
+    assert kw["feature_extractor"] == "inception-v3-compat"
+    assert kw["feature_extractor_weights_path"].endswith("inception.pth")
+    assert len(kw["input1"]) == 3 and kw["input1"][0].shape == (3, 256, 256) and kw["input2"][0].shape == (3, 256, 256)
+    batch = dm.val_dataloader().dataset[0]
+    assert batch["prompt"] == PROMPTS[:2]
+    x = module.sample(batch["z"], batch["cond"])
+    decoded = to_uint8(decode_latents(evaluator.vae, x))[0].permute(1, 2, 0).numpy()
+    expected = torch.from_numpy(np.asarray(Image.fromarray(decoded).resize((256, 256), Image.LANCZOS)))
+    assert torch.equal(evaluator.samples[0][0].permute(1, 2, 0), expected)
+
+
+def test_export_is_a_one_step_diffusers_pipeline(sd, teacher, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    module = DMDModule(teacher)
+    with torch.no_grad():  # an EMA generator that differs from the teacher
+        for p in module.generator_ema.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    DMDTrainer(logger=False).export(module, out_dir=str(tmp_path / "export"))
+    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "export"))
+    pipe.set_progress_bar_config(disable=True)
+    z = torch.randn(2, 4, 8, 8)
+    out = pipe(PROMPTS[:2], num_inference_steps=1, guidance_scale=1.0, latents=z, output_type="pt").images
+    assert pipe.scheduler.timesteps.tolist() == [999]
+    with torch.no_grad():
+        x = module.sample(z, embed(sd, PROMPTS[:2]))
+        expected = (decode_latents(load_vae(sd["pipe"]), x) / 2 + 0.5).clamp(0, 1)
+    assert out.shape == (2, 3, 64, 64)
+    torch.testing.assert_close(out, expected, atol=5e-3, rtol=0)
+
+
+def test_sd15_config_fits_with_the_tiny_pipeline(sd, pairs, tmp_path):
+    """configs/sd15.yaml as is, but for paths and sizes: the tiny pipeline stands in for the hub id."""
+    import yaml
+
+    lpips = {"backbone_weights": None, "random_backbone": True, "resize": 64}
+    override = {
+        "trainer": {"accelerator": "cpu", "devices": 1, "strategy": "auto", "precision": "32-true", "max_steps": 2,
+                    "limit_val_batches": 0, "logger": False, "callbacks": None, "enable_checkpointing": False,
+                    "default_root_dir": str(tmp_path), "enable_progress_bar": False},
+        "model": {"init_args": {
+            "teacher": {"init_args": {"path": sd["pipe"], "embedding_cache": sd["cache"]}},
+            "regression_loss": {"init_args": {"vae": sd["taesd"], "lpips": {"init_args": lpips}}},
+            "evaluator": None}},
+        "data": {"init_args": {"pairs_dir": str(pairs), "prompts": sd["prompts"], "text_encoder": sd["pipe"],
+                               "embedding_cache": sd["cache"], "batch_size": 1, "pair_batch_size": 1,
+                               "val_prompts": None, "expect": {"teacher": sd["pipe"], "sampler": "pndm"}}},
+    }
+    (tmp_path / "override.yaml").write_text(yaml.safe_dump(override))
+    run = cli(["fit", "--config", "configs/sd15.yaml", "--config", str(tmp_path / "override.yaml")])
+    m = run.model
+    assert m.hparams.guidance_scale == 3.0 and m.hparams.generator_lr == m.hparams.fake_lr == 1e-5
+    assert m.hparams.regression_weight == 0.25 and list(m.hparams.t_range) == [0.02, 0.98]
+    assert m.hparams.weight_decay == 0.01 and m.hparams.warmup_steps == 500 and m.hparams.gradient_clip == 10.0
+    assert m.teacher.unet.is_gradient_checkpointing and m.iteration == 1
+    assert isinstance(m.regression_loss, DecodedLPIPSLoss)
+    assert not any(p.requires_grad for p in m.regression_loss.parameters())
+
+    run.trainer.save_checkpoint(tmp_path / "last.ckpt")  # `dmd export` from that checkpoint
+    cli(["export", "--config", "configs/sd15.yaml", "--config", str(tmp_path / "override.yaml"),
+         "--ckpt_path", str(tmp_path / "last.ckpt"), "--out_dir", str(tmp_path / "export")])
+    from diffusers import UNet2DConditionModel
+
+    exported = UNet2DConditionModel.from_pretrained(tmp_path / "export" / "unet").state_dict()
+    for k, v in m.generator_ema.denoiser.unet.state_dict().items():
+        assert torch.equal(exported[k], v), k

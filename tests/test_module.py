@@ -123,3 +123,12 @@ def test_non_finite_fake_score_loss_is_skipped_or_stops(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(g0, m.generator.parameters()))  # the generator still trains
     with pytest.raises(NonFiniteError, match=r"denoising, gradient in the fake_score update at iteration 1 \(global step 1\)"):
         fit(module("stop"), max_steps=4, tmp_path=tmp_path)
+
+
+def test_generator_can_read_the_teacher_copy_in_another_parameterization():
+    unet, schedule = tiny_unet()
+    m = DMDModule(UNetDenoiser(unet, schedule), generator_prediction_type="sample")
+    z, y = torch.randn(2, 1, 16, 16), torch.tensor([1, 2])
+    raw = unet(z, torch.full((2,), schedule.T - 1), class_labels=y).sample
+    torch.testing.assert_close(m.generator(z, y), raw)  # the network's output is the image itself
+    assert m.teacher.schedule.prediction_type == "epsilon"  # the teacher is untouched

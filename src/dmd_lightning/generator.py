@@ -32,8 +32,15 @@ class OneStepGenerator(nn.Module):
             )
 
     @classmethod
-    def from_teacher(cls, teacher: Denoiser, timestep: int | None = None) -> "OneStepGenerator":
-        return cls(copy.deepcopy(teacher).requires_grad_(True), timestep)
+    def from_teacher(cls, teacher: Denoiser, timestep: int | None = None,
+                     prediction_type: str | None = None) -> "OneStepGenerator":
+        """A trainable copy of the teacher. `prediction_type` reads the copy's output in another
+        parameterization than the teacher's (e.g. "sample": the network's output is the image itself), which
+        keeps a generator from an epsilon teacher well conditioned where alpha_T is tiny (see error_gain)."""
+        denoiser = copy.deepcopy(teacher).requires_grad_(True)
+        if prediction_type is not None:
+            denoiser.schedule = VPSchedule.from_config({**teacher.schedule.config, "prediction_type": prediction_type})
+        return cls(denoiser, timestep)
 
     def forward(self, z: Tensor, cond=None) -> Tensor:
         t = torch.full((z.shape[0],), self.timestep, device=z.device, dtype=torch.long)

@@ -35,6 +35,9 @@ class DMDModule(LightningModule):
     Lightning's `global_step` (and `max_steps`) counts optimizer steps of both networks together: an
     iteration costs 2 steps when the generator updates and 1 when only the fake score does.
 
+    `generator_prediction_type` (default: the teacher's) reads the generator copy's output in another
+    parameterization; see OneStepGenerator.from_teacher.
+
     Ablations (paper Table 2): `dm_weight=0` is regression only; `use_fake_score=False` is the real score
     alone; `regression_loss=None` is DMD without regression.
 
@@ -65,6 +68,7 @@ class DMDModule(LightningModule):
         gradient_clip: float = 10.0,
         ema_decay: float = 0.999,
         on_nonfinite: str = "skip",
+        generator_prediction_type: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["teacher", "generator", "fake_score", "regression_loss", "evaluator"])
@@ -72,7 +76,8 @@ class DMDModule(LightningModule):
             raise ValueError(f"on_nonfinite must be 'skip' or 'stop', got {on_nonfinite!r}")
         self.automatic_optimization = False
         self.teacher = teacher.requires_grad_(False).eval()
-        self.generator = generator if generator is not None else OneStepGenerator.from_teacher(teacher)
+        self.generator = generator if generator is not None else OneStepGenerator.from_teacher(
+            teacher, prediction_type=generator_prediction_type)
         self.fake_score = fake_score if fake_score is not None else copy.deepcopy(teacher).requires_grad_(True)
         self.generator.train()  # copies of the (eval-mode) teacher: Lightning keeps submodules' modes
         self.fake_score.train()

@@ -123,16 +123,10 @@ def test_other_sampler_or_teacher_than_expected_is_an_error(tmp_path):
         generate(tmp_path, model=toy_generator(sampler="heun"))  # never mixes two samplers in one folder
 
 
-def run_dmd_pairs(config: Path, text: str):
-    config.write_text(text)
-    out = subprocess.run(["dmd", "pairs", "--config", str(config)], capture_output=True, text=True, cwd=config.parent)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "Predicting" in out.stdout + out.stderr  # Lightning's progress bar
-
-
-def test_dmd_pairs_command_with_the_toy_teacher(tmp_path):
-    run_dmd_pairs(tmp_path / "pairs.yaml", f"""
-trainer: {{accelerator: cpu, devices: 1, logger: false}}
+def toy_pairs_yaml(out_dir: Path, num_pairs: int, shard_size: int, batch_size: int, trainer_extra: str = "") -> str:
+    """A `dmd pairs` config with the exact 2-D mixture teacher (fast, unconditional)."""
+    return f"""
+trainer: {{accelerator: cpu, devices: 1, logger: false{trainer_extra}}}
 model:
   class_path: dmd_lightning.pairs.PairGenerator
   init_args:
@@ -142,9 +136,20 @@ model:
     num_steps: 8
 data:
   class_path: dmd_lightning.pairs.PairGenerationDataModule
-  init_args: {{out_dir: {tmp_path / 'pairs'}, num_pairs: 25, shard_size: 10, noise_shape: [2], num_classes: null,
-              batch_size: 4, seed: 3}}
-""")
+  init_args: {{out_dir: {out_dir}, num_pairs: {num_pairs}, shard_size: {shard_size}, noise_shape: [2],
+              num_classes: null, batch_size: {batch_size}, seed: 3}}
+"""
+
+
+def run_dmd_pairs(config: Path, text: str):
+    config.write_text(text)
+    out = subprocess.run(["dmd", "pairs", "--config", str(config)], capture_output=True, text=True, cwd=config.parent)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Predicting" in out.stdout + out.stderr  # Lightning's progress bar
+
+
+def test_dmd_pairs_command_with_the_toy_teacher(tmp_path):
+    run_dmd_pairs(tmp_path / "pairs.yaml", toy_pairs_yaml(tmp_path / "pairs", 25, 10, 4))
     generate(tmp_path / "in_process")
     assert torch.equal(PairDataset(tmp_path / "pairs").x, PairDataset(tmp_path / "in_process").x)
 
@@ -190,20 +195,8 @@ class SIGKILLAtBatch(Callback):
 
 def test_sigkilled_dmd_pairs_rerun_ends_with_exactly_the_requested_pairs(tmp_path):
     def dmd_pairs(kill: str):
-        (tmp_path / "pairs.yaml").write_text(f"""
-trainer: {{accelerator: cpu, devices: 1, logger: false, enable_progress_bar: false{kill}}}
-model:
-  class_path: dmd_lightning.pairs.PairGenerator
-  init_args:
-    teacher:
-      class_path: dmd_lightning.toy2d.GaussianMixtureDenoiser
-      init_args: {{schedule: {{class_path: dmd_lightning.VPSchedule}}}}
-    num_steps: 8
-data:
-  class_path: dmd_lightning.pairs.PairGenerationDataModule
-  init_args: {{out_dir: {tmp_path / 'pairs'}, num_pairs: 45, shard_size: 3, noise_shape: [2], num_classes: null,
-              batch_size: 2, seed: 3}}
-""")
+        yaml = toy_pairs_yaml(tmp_path / "pairs", 45, 3, 2, ", enable_progress_bar: false" + kill)
+        (tmp_path / "pairs.yaml").write_text(yaml)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
         return subprocess.run(["dmd", "pairs", "--config", str(tmp_path / "pairs.yaml")], capture_output=True,
                               text=True, cwd=tmp_path, env=env)

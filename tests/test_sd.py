@@ -166,7 +166,7 @@ def test_dmd_fit_steps_with_decoded_lpips(sd, teacher, pairs, tmp_path):
     dm = SDDMDDataModule(str(pairs), sd["prompts"], sd["pipe"], embedding_cache=sd["cache"], batch_size=2,
                          pair_batch_size=2, expect={"teacher": sd["pipe"], "guidance_scale": 3.0})
     g0 = [p.detach().clone() for p in module.generator.parameters()]
-    trainer = DMDTrainer(accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False,
+    trainer = DMDTrainer(accelerator="cpu", max_steps=4, logger=False, log_every_n_steps=1, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
                          default_root_dir=tmp_path)
     trainer.fit(module, datamodule=dm)

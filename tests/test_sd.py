@@ -172,9 +172,10 @@ def test_dmd_fit_steps_with_decoded_lpips(sd, teacher, pairs, tmp_path):
     trainer.fit(module, datamodule=dm)
     assert module.iteration == 2 and torch.isfinite(trainer.callback_metrics["generator/loss_regression"])
     assert any(not torch.equal(a, b) for a, b in zip(g0, module.generator.parameters()))
-    batch = dm.stream.batch(0)
+    batch = dm.train_batch(torch.Generator().manual_seed(0), 1)
     assert batch["cond"].shape == (2, MAX_LEN, 16) and batch["pair_cond"].shape == (2, MAX_LEN, 16)
-    assert torch.equal(batch["z"], dm.stream.batch(0)["z"])  # batch k depends only on (seed, k): resumable
+    assert torch.equal(batch["z"], dm.train_batch(torch.Generator().manual_seed(0), 1)["z"])  # resumable
+    assert dm.state_dict() == {"position": 2}  # batches that reached training_step, not the prefetched one
 
 
 def test_validate_decodes_resizes_and_calls_fidelity_with_local_inception(sd, teacher, pairs, tmp_path, monkeypatch):

@@ -11,14 +11,14 @@ import csv
 import hashlib
 import json
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
-from lightning import LightningDataModule
 from safetensors import safe_open
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset
 
+from .data import StreamDataModule
 from .pair_data import PairDataset, PairsError, atomic_write_bytes, item_noise, shard_name
 from .pairs import PairGenerationDataModule, PairGenerator, _ShardBatches, make_batch
 from .sd import PromptEmbeddings
@@ -149,30 +149,6 @@ class LatentPairDataset(PairDataset):
         self.prompt_index = torch.cat(parts)
 
 
-class _LatentTrainStream(IterableDataset):
-    """Endless training batches; batch k comes from a generator seeded by (seed, k), so a resumed run continues
-    the stream at `position` without replaying it."""
-
-    def __init__(self, pairs: LatentPairDataset, embeddings: Tensor, pair_embeddings: Tensor, batch_size: int,
-                 pair_batch_size: int, seed: int):
-        self.pairs, self.embeddings, self.pair_embeddings = pairs, embeddings, pair_embeddings
-        self.batch_size, self.pair_batch_size, self.seed, self.position = batch_size, pair_batch_size, seed, 0
-
-    def batch(self, k: int) -> dict[str, Tensor]:
-        g = torch.Generator().manual_seed(self.seed * 2**32 + k)
-        z = torch.randn(self.batch_size, *self.pairs.noise.shape[1:], generator=g)
-        prompt = torch.randint(0, len(self.embeddings), (self.batch_size,), generator=g)
-        idx = torch.randint(0, len(self.pairs), (self.pair_batch_size,), generator=g)
-        return {"z": z, "cond": self.embeddings[prompt].float(),
-                "pair_z": self.pairs.noise[idx].float(), "pair_x": self.pairs.x[idx].float(),
-                "pair_cond": self.pair_embeddings[self.pairs.prompt_index[idx]].float()}
-
-    def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        while True:
-            self.position += 1
-            yield self.batch(self.position - 1)
-
-
 class _ValBatches(Dataset):
     """Batch k of the fixed validation set: noise seeded per item, the embeddings and texts of its prompts."""
 
@@ -192,7 +168,7 @@ class _ValBatches(Dataset):
                 "prompt": [self.prompts[i] for i in index.tolist()]}
 
 
-class SDDMDDataModule(LightningDataModule):
+class SDDMDDataModule(StreamDataModule):
     """Training batches {z, cond, pair_z, pair_x, pair_cond} for DMD on a latent teacher, validation batches
     {z, cond, prompt_index, prompt}.
 
@@ -209,7 +185,6 @@ class SDDMDDataModule(LightningDataModule):
         self.save_hyperparameters()
         self.embedder = PromptEmbeddings(text_encoder, embedding_cache)
         self.pairs: LatentPairDataset | None = None
-        self.stream: _LatentTrainStream | None = None
 
     def prompt_lists(self) -> dict[str, list[str]]:
         hp = self.hparams
@@ -233,13 +208,18 @@ class SDDMDDataModule(LightningDataModule):
         self.val_prompts = lists["val"]
         self.embeddings = {k: self.embedder.load(v, self._device()) for k, v in lists.items()}
 
+    def train_batch(self, g: torch.Generator, world: int) -> dict[str, Tensor]:
+        """A global batch: latent noise with random prompts for `world` devices, and their regression pairs."""
+        n, m = self.hparams.batch_size * world, self.hparams.pair_batch_size * world
+        z = torch.randn(n, *self.pairs.noise.shape[1:], generator=g)
+        prompt = torch.randint(0, len(self.embeddings["train"]), (n,), generator=g)
+        idx = torch.randint(0, len(self.pairs), (m,), generator=g)
+        return {"z": z, "cond": self.embeddings["train"][prompt].float(),
+                "pair_z": self.pairs.noise[idx].float(), "pair_x": self.pairs.x[idx].float(),
+                "pair_cond": self.embeddings["pairs"][self.pairs.prompt_index[idx]].float()}
+
     def train_dataloader(self) -> DataLoader:
-        rank = self.trainer.global_rank if self.trainer is not None else 0
-        if self.stream is None:
-            hp = self.hparams
-            self.stream = _LatentTrainStream(self.pairs, self.embeddings["train"], self.embeddings["pairs"],
-                                             hp.batch_size, hp.pair_batch_size, hp.seed + 1000 * rank)
-        return DataLoader(self.stream, batch_size=None)
+        return self.stream_loader(self.train_batch, self.hparams.seed)
 
     def val_dataloader(self) -> DataLoader:
         hp = self.hparams
@@ -249,11 +229,3 @@ class SDDMDDataModule(LightningDataModule):
 
     test_dataloader = val_dataloader
     predict_dataloader = val_dataloader
-
-    def state_dict(self) -> dict:
-        return {"position": self.stream.position if self.stream is not None else 0}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.setup()
-        self.train_dataloader()
-        self.stream.position = int(state.get("position", 0))

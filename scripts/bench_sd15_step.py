@@ -17,7 +17,7 @@ from lightning import Callback, Trainer
 from torch.utils.data import DataLoader, IterableDataset
 
 from dmd_lightning import DMDModule, UNetDenoiser, VPSchedule
-from dmd_lightning.bench import SD15_UNET, TINY_SD_UNET
+from dmd_lightning.bench_cases import SD15_UNET, TINY_SD_UNET
 
 class Synthetic(IterableDataset):
     def __init__(self, batch: int, size: int, dim: int):

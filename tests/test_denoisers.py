@@ -41,3 +41,12 @@ def test_missing_weights_give_one_clear_error(tmp_path):
         PretrainedUNetDenoiser("no-such-org/no-such-model")
     with pytest.raises(WeightsNotFoundError, match="local folder"):
         PretrainedUNetDenoiser(str(tmp_path))
+
+
+def test_predict_is_the_unets_own_output_and_guidance_agrees_across_parameterizations():
+    unet, schedule = tiny_unet()
+    d = UNetDenoiser(unet, schedule)
+    x_t, t, y = torch.randn(2, 1, 16, 16), torch.tensor([300, 700]), torch.tensor([4, 7])
+    torch.testing.assert_close(d.predict(x_t, t, y), unet(x_t, t, class_labels=y).sample)
+    eps = guided(d, x_t, t, y, 2.5, native=True)
+    torch.testing.assert_close(schedule.to_x0(eps, x_t, t), guided(d, x_t, t, y, 2.5), rtol=1e-4, atol=1e-4)

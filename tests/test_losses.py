@@ -141,3 +141,28 @@ def test_lpips_needs_backbone_weights_and_loads_them(tmp_path):
     value = loss(torch.rand(2, 1, 16, 16) * 2 - 1, y)
     value.backward()
     assert value > 0 and y.grad is not None
+
+
+def test_each_loss_backpropagates_into_its_own_network_only():
+    """DMDModule steps without toggle_optimizer: the DM loss must not reach the denoisers, the denoising loss
+    must not reach the generator."""
+    schedule = VPSchedule()
+    real, fake, generator = (nn.Conv2d(1, 1, 1) for _ in range(3))
+
+    class ConvDenoiser(Denoiser):
+        def __init__(self, net):
+            super().__init__()
+            self.net, self.schedule = net, schedule
+
+        def forward(self, x_t, t, cond=None):
+            return self.net(x_t)
+
+    z = torch.randn(4, 1, 8, 8)
+    x = generator(z)
+    loss, _ = distribution_matching_loss(x, ConvDenoiser(real), ConvDenoiser(fake))
+    loss.backward()
+    assert generator.weight.grad is not None
+    assert real.weight.grad is None and fake.weight.grad is None
+    generator.zero_grad(set_to_none=True)
+    denoising_loss(ConvDenoiser(fake), generator(z)).backward()
+    assert fake.weight.grad is not None and generator.weight.grad is None

@@ -132,3 +132,11 @@ def test_generator_can_read_the_teacher_copy_in_another_parameterization():
     raw = unet(z, torch.full((2,), schedule.T - 1), class_labels=y).sample
     torch.testing.assert_close(m.generator(z, y), raw)  # the network's output is the image itself
     assert m.teacher.schedule.prediction_type == "epsilon"  # the teacher is untouched
+
+
+def test_generator_timestep_and_fused_optimizers():
+    unet, schedule = tiny_unet()
+    m = DMDModule(UNetDenoiser(unet, schedule), generator_timestep=700)
+    assert m.generator.timestep == 700 and m.generator_ema.timestep == 700
+    opt_g, opt_f = m.configure_optimizers()[0]
+    assert opt_g.defaults["fused"] and opt_f.defaults["fused"]  # CPU tensors take the fused AdamW

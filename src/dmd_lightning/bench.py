@@ -15,11 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
-import os
-import platform
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -28,118 +24,22 @@ from lightning import Callback, Trainer
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from .denoisers import Denoiser, PretrainedUNetDenoiser, UNetDenoiser, guided
+from .bench_cases import (
+    Case,
+    autocast,
+    count_nfe,
+    interleaved_medians,
+    make_case,
+    median_time,
+    quiet,
+)
+from .bench_report import DMD_STEP_TARGET, PAIRS_TARGET, machine, markdown
+from .denoisers import guided
 from .generator import OneStepGenerator
 from .losses import L2Loss
-from .module import DMDModule
+from .module import DMDModule, make_adamw
 from .pairs import PairGenerator
 from .samplers import make_scheduler, sample_ode
-from .schedule import VPSchedule
-
-SD15_UNET = dict(  # runwayml/stable-diffusion-v1-5 unet/config.json
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8,
-)
-TINY_SD_UNET = dict(SD15_UNET, sample_size=8, block_out_channels=(32, 32, 64, 64), cross_attention_dim=32,
-                    attention_head_dim=4, norm_num_groups=8)
-SD_SCHEDULE = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-DMD_STEP_TARGET = 1.15  # a Trainer-driven iteration costs at most this times the sum of its network passes
-PAIRS_TARGET = 1.0  # PairGenerator at least as fast as diffusers' own loop
-
-
-@dataclass
-class Case:
-    """A teacher and the settings of its pairs config: the batch, the sampler and the guidance."""
-
-    name: str
-    teacher: Denoiser
-    make_cond: Callable[[int], Tensor | None]
-    batch: int
-    sampler: str = "ddim"
-    steps: int = 50
-    guidance: float = 1.0
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        c = self.teacher.unet.config
-        return (c["in_channels"], c["sample_size"], c["sample_size"])
-
-    def noise(self, n: int, seed: int = 0) -> Tensor:
-        # drawn on the CPU as diffusers' randn_tensor does with a CPU generator, then moved
-        return torch.randn((n, *self.shape), generator=torch.Generator().manual_seed(seed)).to(device())
-
-
-def quiet() -> None:
-    """Lightning's banners and the libraries' warnings would bury the table."""
-    import logging
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    from diffusers.utils import logging as diffusers_logging
-
-    diffusers_logging.set_verbosity_error()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def autocast():
-    """bf16 autocast on a GPU (as the Trainer's bf16-mixed), nothing on the CPU: both sides of a ratio use it."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.cuda.is_available())
-
-
-def make_case(name: str, quick: bool = False) -> Case:
-    """fmnist: the shipped teacher; tiny-sd / sd15: a random UNet2DConditionModel of SD1.5's layout; tiny:
-    a random unconditional UNet2DModel (its reference in row 3 is DDIMPipeline itself)."""
-    from diffusers import UNet2DConditionModel, UNet2DModel
-
-    torch.manual_seed(0)
-    dev = device()
-    if name == "fmnist":
-        teacher = PretrainedUNetDenoiser("weights/fmnist-teacher").to(dev)
-        return Case(name, teacher, lambda n: torch.arange(n, device=dev) % 10, batch=4 if quick else 16)
-    if name == "tiny":
-        unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-                           down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                           up_block_types=("AttnUpBlock2D", "UpBlock2D"), layers_per_block=1, norm_num_groups=4)
-        return Case(name, UNetDenoiser(unet, VPSchedule()).to(dev), lambda n: None, batch=2 if quick else 8)
-    if name in ("tiny-sd", "sd15"):
-        with torch.device(dev):  # random init on the GPU: seconds, not minutes
-            unet = UNet2DConditionModel(**(TINY_SD_UNET if name == "tiny-sd" else SD15_UNET))
-        dim = unet.config.cross_attention_dim
-        teacher = UNetDenoiser(unet, VPSchedule(**SD_SCHEDULE), null_embedding=torch.zeros(1, 77, dim)).to(dev)
-        batch = (2 if quick else 4) if name == "tiny-sd" else 4
-        return Case(name, teacher, lambda n: torch.randn(n, 77, dim, device=dev), batch, "pndm", 50, 3.0)
-    raise ValueError(f"unknown case {name!r}")
-
-
-def median_time(fn: Callable[[], object], repeat: int, warmup: int = 1) -> float:
-    """Median wall time of fn() over `repeat` runs after `warmup` runs (CUDA synchronized)."""
-    times = []
-    for i in range(warmup + repeat):
-        torch.cuda.synchronize() if torch.cuda.is_available() else None
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize() if torch.cuda.is_available() else None
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
-def count_nfe(unet: torch.nn.Module, batch: int, fn: Callable[[], object]) -> float:
-    """Network evaluations per sample of fn(): rows passed through `unet`, divided by the batch."""
-    rows = []
-    handle = unet.register_forward_pre_hook(lambda m, args, kwargs: rows.append(len(args[0] if args else kwargs["sample"])),
-                                            with_kwargs=True)
-    try:
-        fn()
-    finally:
-        handle.remove()
-    return sum(rows) / batch
 
 
 # ------------------------------------------------------------------------------------ 1. one step vs sampler
@@ -154,7 +54,7 @@ def bench_one_step(case: Case, repeat: int = 3, warmup: int = 1) -> dict:
                                  case.steps, cond, case.guidance)
     with autocast():
         nfe_one, nfe_sampler = count_nfe(teacher.unet, b, one_step), count_nfe(teacher.unet, b, sampler)
-        t_one, t_sampler = median_time(one_step, repeat, warmup), median_time(sampler, repeat, warmup)
+        t_one, t_sampler = interleaved_medians([one_step, sampler], repeat, warmup)
     wall, nfe = t_sampler / t_one, nfe_sampler / nfe_one
     return {"batch": b, "sampler": f"{case.sampler} {case.steps} steps, guidance {case.guidance}",
             "one_step_s": t_one, "sampler_s": t_sampler, "nfe_one_step": nfe_one, "nfe_sampler": nfe_sampler,
@@ -163,10 +63,12 @@ def bench_one_step(case: Case, repeat: int = 3, warmup: int = 1) -> dict:
 
 # ------------------------------------------------------------------------------- 2. DMD step vs its passes
 class StepTimer(Callback):
-    """Wall time of each training iteration, on_train_batch_start to on_train_batch_end."""
+    """Wall time of each training iteration, on_train_batch_start to on_train_batch_end; `between()` runs after
+    each iteration, outside the timed window."""
 
-    def __init__(self):
+    def __init__(self, between: Callable[[], None] | None = None):
         self.times: list[float] = []
+        self.between = between
 
     def on_train_batch_start(self, *args) -> None:
         torch.cuda.synchronize() if torch.cuda.is_available() else None
@@ -175,6 +77,8 @@ class StepTimer(Callback):
     def on_train_batch_end(self, *args) -> None:
         torch.cuda.synchronize() if torch.cuda.is_available() else None
         self.times.append(time.perf_counter() - self.start)
+        if self.between is not None:
+            self.between()
 
 
 def dmd_batch(case: Case) -> dict:
@@ -201,12 +105,13 @@ def fit_steps(module: DMDModule, batch: dict, iterations: int, callbacks: list) 
     trainer.fit(module, DataLoader([{k: v.cpu() for k, v in batch.items()}] * iterations, batch_size=None))
 
 
-def network_passes(case: Case, batch: dict, repeat: int, warmup: int) -> dict[str, float]:
-    """Median seconds of each network pass of a DMD iteration, timed alone on copies of the teacher."""
+def network_passes(case: Case, batch: dict) -> dict[str, Callable[[], object]]:
+    """Each network pass of a DMD iteration as a function, on copies of the teacher; the fake-score update
+    uses the module's optimizer."""
     teacher = case.teacher
     gen = OneStepGenerator.from_teacher(teacher).train()
     fake = copy.deepcopy(teacher).requires_grad_(True).train()
-    opt = torch.optim.AdamW(fake.parameters(), lr=1e-5)
+    opt = make_adamw(fake.parameters(), 1e-5, (0.9, 0.999), 0.01)
     z, cond, pz, pc = batch["z"], batch.get("cond"), batch["pair_z"], batch.get("pair_cond")
     t = torch.full((len(z),), teacher.schedule.T // 2, device=z.device)
     x_t = teacher.schedule.add_noise(z, torch.randn_like(z), t)
@@ -217,6 +122,16 @@ def network_passes(case: Case, batch: dict, repeat: int, warmup: int) -> dict[st
         loss.backward()
         gen.zero_grad(set_to_none=True)
 
+    @torch.no_grad()
+    def real_forward():  # classifier-free guidance: one pass of 2x the batch
+        with autocast():
+            return guided(teacher, x_t, t, cond, case.guidance)
+
+    @torch.no_grad()
+    def fake_forward():
+        with autocast():
+            return fake(x_t, t, cond)
+
     def fake_update():
         with autocast():
             loss = fake(x_t, t, cond).float().square().mean()
@@ -224,23 +139,27 @@ def network_passes(case: Case, batch: dict, repeat: int, warmup: int) -> dict[st
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    with torch.no_grad(), autocast():  # classifier-free guidance: one pass of 2x the batch
-        real = median_time(lambda: guided(teacher, x_t, t, cond, case.guidance), repeat, warmup)
-        fake_fwd = median_time(lambda: fake(x_t, t, cond), repeat, warmup)
-    return {"generator forward+backward": median_time(generator_forward_backward, repeat, warmup),
-            "real forward (CFG)": real, "fake forward": fake_fwd,
-            "fake-score update": median_time(fake_update, repeat, warmup)}
+    return {"generator forward+backward": generator_forward_backward, "real forward (CFG)": real_forward,
+            "fake forward": fake_forward, "fake-score update": fake_update}
 
 
 def bench_dmd_step(case: Case, repeat: int = 5, warmup: int = 2) -> dict:
-    """A Trainer-driven DMD iteration vs the sum of its network passes each timed alone; target <= 1.15."""
+    """A Trainer-driven DMD iteration vs the sum of its network passes, each timed alone; target <= 1.15.
+    The passes run between the Trainer's iterations, so both sides see the same machine load."""
     batch = dmd_batch(case)
-    timer = StepTimer()
+    passes = network_passes(case, batch)
+    pass_times: dict[str, list[float]] = {k: [] for k in passes}
+
+    def time_passes() -> None:
+        for k, fn in passes.items():
+            pass_times[k].append(median_time(fn, 1, 0))
+
+    timer = StepTimer(time_passes)
     fit_steps(dmd_module(case), batch, warmup + repeat, [timer])
-    step = sorted(timer.times[warmup:])[len(timer.times[warmup:]) // 2]
-    passes = network_passes(case, batch, repeat, warmup)
-    total = sum(passes.values())
-    return {"batch": f"{case.batch} DM + {case.batch} regression", "step_s": step, "passes_s": passes,
+    median = lambda ts: sorted(ts[warmup:])[len(ts[warmup:]) // 2]  # noqa: E731
+    step, times = median(timer.times), {k: median(v) for k, v in pass_times.items()}
+    total = sum(times.values())
+    return {"batch": f"{case.batch} DM + {case.batch} regression", "step_s": step, "passes_s": times,
             "sum_s": total, "ratio": step / total, "target": DMD_STEP_TARGET, "met": step / total <= DMD_STEP_TARGET}
 
 
@@ -287,7 +206,7 @@ def bench_pairs(case: Case, repeat: int = 3, warmup: int = 1) -> dict:
                                            case.guidance)
     with autocast():
         diff = (project().float().clamp(-1, 1) - reference().float().clamp(-1, 1)).abs().max().item()
-        t_project, t_reference = median_time(project, repeat, warmup), median_time(reference, repeat, warmup)
+        t_project, t_reference = interleaved_medians([project, reference], repeat, warmup)
     ratio = t_reference / t_project  # = (images/s project) / (images/s reference)
     return {"batch": b, "reference": reference_name, "sampler": f"{case.sampler} {case.steps} steps",
             "project_images_per_s": b / t_project, "reference_images_per_s": b / t_reference, "ratio": ratio,
@@ -348,55 +267,6 @@ def bench_memory(name: str, quick: bool = False) -> dict:
     on, off = peak_memory(name, quick, True), peak_memory(name, quick, False)
     return {"kind": kind, "with_checkpointing_bytes": on, "without_checkpointing_bytes": off,
             "ratio": on / off if off > 0 else float("nan")}
-
-
-# ---------------------------------------------------------------------------------------------- the report
-def machine() -> dict:
-    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
-    cpu = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")), platform.processor())
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "device": gpu or "cpu", "precision": "bf16 autocast" if gpu else "float32"}
-
-
-def table(title: str, header: list[str], rows: list[list]) -> list[str]:
-    """A markdown table; the first column left-aligned, the others right-aligned."""
-    return ["", f"## {title}", "", "| " + " | ".join(header) + " |",
-            "| --- |" + " ---: |" * (len(header) - 1), *("| " + " | ".join(map(str, r)) + " |" for r in rows)]
-
-
-def markdown(results: dict, m: dict) -> str:
-    def ratio(v: float, met: bool | None = None, digits: int = 2) -> str:
-        text = f"{v:.{digits}f}" if math.isfinite(v) else "-"
-        return text if met is None else f"{text} ({'met' if met else 'NOT met'})"
-
-    ms, mib = (lambda s: f"{s * 1e3:.1f} ms"), (lambda n: f"{n / 2**20:.1f} MiB")
-    r = results
-    lines = [f"# make bench: ratios measured side by side ({m['device']})", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} CPU threads), device "
-             f"{m['device']}, {m['precision']}. Each figure: the median of several repetitions after a warm-up."]
-    lines += table("1. One-step generation vs the teacher's sampler (same batch and noise)",
-                   ["model", "sampler", "batch", "one step", "sampler", "wall ratio", "NFE ratio (the limit)",
-                    "wall / NFE"],
-                   [[k, o["sampler"], o["batch"], ms(o["one_step_s"]), ms(o["sampler_s"]), ratio(o["wall_ratio"], None, 1) + "x",
-                     ratio(o["nfe_ratio"], None, 0) + "x", ratio(o["wall_over_nfe"])] for k, o in
-                    ((k, v["one_step"]) for k, v in r.items())])
-    lines += table("2. DMD training iteration (Lightning Trainer) vs the sum of its network passes, each timed alone",
-                   ["model", "batch", *next(iter(r.values()))["dmd_step"]["passes_s"], "sum", "iteration",
-                    f"ratio (target <= {DMD_STEP_TARGET})"],
-                   [[k, d["batch"], *map(ms, d["passes_s"].values()), ms(d["sum_s"]), ms(d["step_s"]),
-                     ratio(d["ratio"], d["met"])] for k, d in ((k, v["dmd_step"]) for k, v in r.items())])
-    lines += table("3. Pair generation: PairGenerator vs diffusers (same UNet, scheduler, steps, batch and noise)",
-                   ["model", "diffusers side", "sampler", "batch", "project img/s", "diffusers img/s",
-                    f"ratio (target >= {PAIRS_TARGET})", "max abs diff"],
-                   [[k, p["reference"], p["sampler"], p["batch"], f"{p['project_images_per_s']:.2f}",
-                     f"{p['reference_images_per_s']:.2f}", ratio(p["ratio"], p["met"]), f"{p['max_abs_diff']:.1e}"]
-                    for k, p in ((k, v["pairs"]) for k, v in r.items())])
-    lines += table("4. Peak memory of a DMD training step, gradient checkpointing on vs off",
-                   ["model", "measure", "with", "without", "with / without"],
-                   [[k, x["kind"], mib(x["with_checkpointing_bytes"]), mib(x["without_checkpointing_bytes"]),
-                     ratio(x["ratio"])] for k, x in ((k, v["memory"]) for k, v in r.items())])
-    return "\n".join(lines) + "\n"
 
 
 def run(names: list[str], quick: bool = False) -> dict:

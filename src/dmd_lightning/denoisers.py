@@ -22,17 +22,26 @@ class Denoiser(nn.Module):
     def forward(self, x_t: Tensor, t: Tensor, cond=None) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def predict(self, x_t: Tensor, t: Tensor, cond=None) -> Tensor:
+        """The estimate in the schedule's own parameterization (epsilon, v or x_0): a sampler whose scheduler
+        takes that parameterization uses it as is. Wrappers of networks that predict it return the output."""
+        return self.schedule.from_x0(self(x_t, t, cond), x_t, t, self.schedule.prediction_type)
+
     def null_cond(self, cond):
         """The condition meaning 'no condition', for classifier-free guidance; None if unsupported."""
         return None
 
 
-def guided(denoiser: Denoiser, x_t: Tensor, t: Tensor, cond=None, guidance_scale: float = 1.0) -> Tensor:
-    """Classifier-free guidance (Ho & Salimans 2022) in x_0 space: D_u + w (D_c - D_u), one batched pass."""
+def guided(denoiser: Denoiser, x_t: Tensor, t: Tensor, cond=None, guidance_scale: float = 1.0,
+           native: bool = False) -> Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022): D_u + w (D_c - D_u), one batched pass. In x_0 space, or
+    with native=True in the denoiser's own parameterization (`predict`): the same guidance, since at fixed
+    (x_t, t) every parameterization is an affine function of x_0."""
+    fn = denoiser.predict if native else denoiser
     null = denoiser.null_cond(cond) if cond is not None else None
     if guidance_scale == 1.0 or null is None:
-        return denoiser(x_t, t, cond)
-    both = denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, null]))
+        return fn(x_t, t, cond)
+    both = fn(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, null]))
     d_cond, d_uncond = both.chunk(2)
     return d_uncond + guidance_scale * (d_cond - d_uncond)
 
@@ -55,11 +64,13 @@ class UNetDenoiser(Denoiser):
 
     def forward(self, x_t: Tensor, t: Tensor, cond=None) -> Tensor:
         t = t.reshape(-1).expand(x_t.shape[0])
+        return self.schedule.to_x0(self.predict(x_t, t, cond).float(), x_t.float(), t)
+
+    def predict(self, x_t: Tensor, t: Tensor, cond=None) -> Tensor:
+        t = t.reshape(-1).expand(x_t.shape[0])
         if self.text_conditional:
-            out = self.unet(x_t, t, encoder_hidden_states=cond).sample
-        else:
-            out = self.unet(x_t, t, class_labels=cond).sample
-        return self.schedule.to_x0(out.float(), x_t.float(), t)
+            return self.unet(x_t, t, encoder_hidden_states=cond).sample
+        return self.unet(x_t, t, class_labels=cond).sample
 
     def null_cond(self, cond):
         if self.text_conditional and self.null_embedding is not None:

@@ -9,8 +9,12 @@ from torch import nn
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model, parameters and floating buffers alike."""
-    for e, m in zip(ema.parameters(), model.parameters()):
-        e.lerp_(m.detach().to(e.dtype), 1 - decay)
+    ema_params, params = list(ema.parameters()), [p.detach() for p in model.parameters()]
+    if all(e.dtype == p.dtype for e, p in zip(ema_params, params)):
+        torch._foreach_lerp_(ema_params, params, 1 - decay)  # one call for all tensors
+    else:
+        for e, m in zip(ema_params, params):
+            e.lerp_(m.to(e.dtype), 1 - decay)
     for e, m in zip(ema.buffers(), model.buffers()):
         if e.is_floating_point():
             e.lerp_(m.to(e.dtype), 1 - decay)

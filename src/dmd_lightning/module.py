@@ -36,7 +36,9 @@ class DMDModule(LightningModule):
     iteration costs 2 steps when the generator updates and 1 when only the fake score does.
 
     `generator_prediction_type` (default: the teacher's) reads the generator copy's output in another
-    parameterization; see OneStepGenerator.from_teacher.
+    parameterization; see OneStepGenerator.from_teacher. `generator_timestep` (default T-1) is the timestep at
+    which the generator reads pure noise: below T-1 where the teacher's x0-prediction amplifies its error too
+    much there (an epsilon teacher on the linear DDPM schedule; see generator.error_gain).
 
     Ablations (paper Table 2): `dm_weight=0` is regression only; `use_fake_score=False` is the real score
     alone; `regression_loss=None` is DMD without regression.
@@ -69,6 +71,7 @@ class DMDModule(LightningModule):
         ema_decay: float = 0.999,
         on_nonfinite: str = "skip",
         generator_prediction_type: str | None = None,
+        generator_timestep: int | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["teacher", "generator", "fake_score", "regression_loss", "evaluator"])
@@ -77,7 +80,7 @@ class DMDModule(LightningModule):
         self.automatic_optimization = False
         self.teacher = teacher.requires_grad_(False).eval()
         self.generator = generator if generator is not None else OneStepGenerator.from_teacher(
-            teacher, prediction_type=generator_prediction_type)
+            teacher, timestep=generator_timestep, prediction_type=generator_prediction_type)
         self.fake_score = fake_score if fake_score is not None else copy.deepcopy(teacher).requires_grad_(True)
         self.generator.train()  # copies of the (eval-mode) teacher: Lightning keeps submodules' modes
         self.fake_score.train()
@@ -96,7 +99,7 @@ class DMDModule(LightningModule):
         return self
 
     def setup(self, stage: str) -> None:
-        # Each backward pass reaches one network only (the other is toggled off), so DDP must look for unused
+        # Each backward pass reaches one network only (see training_step), so DDP must look for unused
         # parameters; otherwise it waits for the other network's gradients and fails. Set before DDP wraps us.
         ddp_kwargs = getattr(self.trainer.strategy, "_ddp_kwargs", None)
         if isinstance(self.trainer.strategy, DDPStrategy) and ddp_kwargs is not None:
@@ -109,7 +112,7 @@ class DMDModule(LightningModule):
         hp = self.hparams
 
         def adamw(params, lr):
-            opt = torch.optim.AdamW(params, lr=lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+            opt = make_adamw(params, lr, tuple(hp.betas), hp.weight_decay)
             warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, hp.warmup_steps)))
             return opt, warmup
 
@@ -130,8 +133,9 @@ class DMDModule(LightningModule):
         generator_turn = self.iteration % hp.fake_updates_per_generator_update == 0
         self.iteration += 1
 
+        # No toggle_optimizer: each backward reaches one network by construction (the DM loss runs both
+        # denoisers under no_grad, the fake score trains on detached samples), and toggling walks every module.
         if generator_turn:
-            self.toggle_optimizer(opt_g)
             x = self.generator(z, cond)
             terms = {}
             if hp.dm_weight > 0:
@@ -148,7 +152,6 @@ class DMDModule(LightningModule):
             weights = {"dm": hp.dm_weight, "regression": hp.regression_weight}
             loss = sum(weights[k] * v for k, v in terms.items())
             self._step(opt_g, sch_g, self.generator, loss, terms, "generator")
-            self.untoggle_optimizer(opt_g)
             ema_update(self.generator_ema, self.generator, hp.ema_decay)
             x = x.detach()
         elif self.trains_fake_score:
@@ -156,11 +159,9 @@ class DMDModule(LightningModule):
                 x = self.generator(z, cond)
 
         if self.trains_fake_score:
-            self.toggle_optimizer(opt_f)
             t, eps = self._draw(x, self.fake_score.schedule, (0.0, 1.0))
             loss_f = denoising_loss(self.fake_score, x, cond, t, eps)
             self._step(opt_f, sch_f, self.fake_score, loss_f, {"denoising": loss_f}, "fake_score")
-            self.untoggle_optimizer(opt_f)
         if self._logs_now:
             self.log("train/iteration", float(self.iteration), on_step=True)
 
@@ -261,6 +262,14 @@ class DMDModule(LightningModule):
         self.iteration = int(checkpoint.get("dmd_iteration", 0))
         rng = checkpoint.get("dmd_rng")
         self._restored = rng if rng is not None and rng["noise"] is not None else None
+
+
+def make_adamw(params, lr: float, betas: tuple[float, float], weight_decay: float) -> torch.optim.AdamW:
+    """AdamW, fused where every parameter allows it (CPU and CUDA floating tensors): one kernel for all
+    tensors instead of a Python loop over them, 5x faster on the CPU for a UNet of ~700 tensors."""
+    params = list(params)
+    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused or None)
 
 
 def is_finite_module(net: nn.Module) -> bool:

@@ -51,12 +51,18 @@ def sample_ode(
     scheduler.set_timesteps(num_steps, device=x.device)
     x = x * scheduler.init_noise_sigma
     kind = scheduler.config.prediction_type
+    native = kind == denoiser.schedule.prediction_type  # the network's output goes to the scheduler as is
     for i, t in enumerate(scheduler.timesteps):
         x_in = scheduler.scale_model_input(x, t)
         t_batch = t.reshape(1).expand(x.shape[0]).to(x.device)
-        x0 = guided(denoiser, x_in, t_batch, cond, guidance_scale)
-        if callback is not None:
-            callback(i, t, x0)
-        model_output = denoiser.schedule.from_x0(x0, x_in.float(), t_batch, kind)
+        if native:
+            model_output = guided(denoiser, x_in, t_batch, cond, guidance_scale, native=True)
+            if callback is not None:
+                callback(i, t, denoiser.schedule.to_x0(model_output.float(), x_in.float(), t_batch))
+        else:
+            x0 = guided(denoiser, x_in, t_batch, cond, guidance_scale)
+            if callback is not None:
+                callback(i, t, x0)
+            model_output = denoiser.schedule.from_x0(x0, x_in.float(), t_batch, kind)
         x = scheduler.step(model_output.to(x.dtype), t, x).prev_sample
     return x

@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+
+
+def ema_tensors(ema: nn.Module, model: nn.Module) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+    """(ema floats, model floats, ema others, model others): parameters and floating buffers are averaged, the
+    other buffers (counters) copied. Worth caching: walking a UNet's modules costs more than the update."""
+    pairs = [*zip(ema.parameters(), model.parameters()), *zip(ema.buffers(), model.buffers())]
+    floats = [(e, m) for e, m in pairs if e.is_floating_point()]
+    others = [(e, m) for e, m in pairs if not e.is_floating_point()]
+    return [e for e, _ in floats], [m for _, m in floats], [e for e, _ in others], [m for _, m in others]
 
 
 @torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, parameters and floating buffers alike."""
-    ema_params, params = list(ema.parameters()), [p.detach() for p in model.parameters()]
-    if all(e.dtype == p.dtype for e, p in zip(ema_params, params)):
-        torch._foreach_lerp_(ema_params, params, 1 - decay)  # one call for all tensors
+def ema_update(ema: nn.Module | tuple, model: nn.Module | None, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model. `ema` is a module (with `model`) or ema_tensors' result."""
+    ema_f, model_f, ema_o, model_o = ema if isinstance(ema, tuple) else ema_tensors(ema, model)
+    if all(e.dtype == m.dtype for e, m in zip(ema_f, model_f)):
+        torch._foreach_lerp_(ema_f, [m.detach() for m in model_f], 1 - decay)  # one call for all tensors
     else:
-        for e, m in zip(ema_params, params):
-            e.lerp_(m.to(e.dtype), 1 - decay)
-    for e, m in zip(ema.buffers(), model.buffers()):
-        if e.is_floating_point():
-            e.lerp_(m.to(e.dtype), 1 - decay)
-        else:
-            e.copy_(m)
+        for e, m in zip(ema_f, model_f):
+            e.lerp_(m.detach().to(e.dtype), 1 - decay)
+    for e, m in zip(ema_o, model_o):
+        e.copy_(m)

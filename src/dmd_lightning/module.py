@@ -12,7 +12,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 
 from .denoisers import Denoiser
-from .ema import ema_update
+from .ema import ema_tensors, ema_update
 from .evaluation import Evaluator
 from .generator import OneStepGenerator
 from .losses import denoising_loss, distribution_matching_loss
@@ -90,6 +90,8 @@ class DMDModule(LightningModule):
         self.iteration = 0  # training iterations done; with the ratio it gives the update phase
         self._noise: torch.Generator | None = None  # the losses' t and eps; created on the training device
         self._restored: dict | None = None  # RNG states from a checkpoint, applied before the next step
+        self._ema_tensors: tuple | None = None
+        self._params: dict[str, list[nn.Parameter]] = {}  # trainable parameters by network, cached
 
     # ----------------------------------------------------------------------------------------------- setup
     def train(self, mode: bool = True):
@@ -152,7 +154,9 @@ class DMDModule(LightningModule):
             weights = {"dm": hp.dm_weight, "regression": hp.regression_weight}
             loss = sum(weights[k] * v for k, v in terms.items())
             self._step(opt_g, sch_g, self.generator, loss, terms, "generator")
-            ema_update(self.generator_ema, self.generator, hp.ema_decay)
+            if self._ema_tensors is None:  # cached: the module walks cost more than a small network's update
+                self._ema_tensors = ema_tensors(self.generator_ema, self.generator)
+            ema_update(self._ema_tensors, None, hp.ema_decay)
             x = x.detach()
         elif self.trains_fake_score:
             with torch.no_grad():
@@ -191,7 +195,9 @@ class DMDModule(LightningModule):
     def _step(self, opt, sched, net: nn.Module, loss: Tensor, terms: dict, name: str) -> None:
         """Backward, clip, check for non-finite values, step. Logs every term and the gradient norm."""
         self.manual_backward(loss)
-        params = [p for p in net.parameters() if p.grad is not None]
+        if name not in self._params:
+            self._params[name] = list(net.parameters())
+        params = [p for p in self._params[name] if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.hparams.gradient_clip)
         bad = [k for k, v in terms.items() if not torch.isfinite(v)]
         if not torch.isfinite(grad_norm):

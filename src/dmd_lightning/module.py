@@ -185,6 +185,9 @@ class DMDModule(LightningModule):
         eps = torch.randn((n * world, *x.shape[1:]), device=x.device, generator=self._noise)
         return t[rank * n:(rank + 1) * n], eps[rank * n:(rank + 1) * n]
 
+    def on_train_start(self) -> None:
+        self._ema_tensors, self._params = None, {}  # a device move since the last fit replaces buffers
+
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if self._restored is not None:  # here, not in on_load_checkpoint: loader set-up still draws numbers
             set_rng_states(self._restored["global"])

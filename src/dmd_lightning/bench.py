@@ -30,6 +30,7 @@ from .bench_cases import (
     count_nfe,
     interleaved_medians,
     make_case,
+    median,
     median_time,
     quiet,
 )
@@ -156,8 +157,7 @@ def bench_dmd_step(case: Case, repeat: int = 5, warmup: int = 2) -> dict:
 
     timer = StepTimer(time_passes)
     fit_steps(dmd_module(case), batch, warmup + repeat, [timer])
-    median = lambda ts: sorted(ts[warmup:])[len(ts[warmup:]) // 2]  # noqa: E731
-    step, times = median(timer.times), {k: median(v) for k, v in pass_times.items()}
+    step, times = median(timer.times[warmup:]), {k: median(v[warmup:]) for k, v in pass_times.items()}
     total = sum(times.values())
     return {"batch": f"{case.batch} DM + {case.batch} regression", "step_s": step, "passes_s": times,
             "sum_s": total, "ratio": step / total, "target": DMD_STEP_TARGET, "met": step / total <= DMD_STEP_TARGET}

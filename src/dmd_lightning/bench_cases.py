@@ -93,6 +93,10 @@ def make_case(name: str, quick: bool = False) -> Case:
     raise ValueError(f"unknown case {name!r}")
 
 
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
 def median_time(fn: Callable[[], object], repeat: int, warmup: int = 1) -> float:
     """Median wall time of fn() over `repeat` runs after `warmup` runs (CUDA synchronized)."""
     times = []
@@ -103,7 +107,7 @@ def median_time(fn: Callable[[], object], repeat: int, warmup: int = 1) -> float
         torch.cuda.synchronize() if torch.cuda.is_available() else None
         if i >= warmup:
             times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return median(times)
 
 
 def interleaved_medians(fns: list[Callable[[], object]], repeat: int, warmup: int = 1) -> list[float]:
@@ -115,7 +119,7 @@ def interleaved_medians(fns: list[Callable[[], object]], repeat: int, warmup: in
             t = median_time(fn, 1, 0)
             if i >= warmup:
                 ts.append(t)
-    return [sorted(ts)[len(ts) // 2] for ts in times]
+    return [median(ts) for ts in times]
 
 
 def count_nfe(unet: torch.nn.Module, batch: int, fn: Callable[[], object]) -> float:

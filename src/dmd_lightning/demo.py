@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .bench_cases import median
 from .cli import cli
 from .fid import FIDEvaluator
 from .fmnist import to_uint8
@@ -42,7 +43,7 @@ def timed(fn, *args, repeat: int = 3):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2], out
+    return median(times), out
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -16,9 +16,9 @@ def ema_tensors(ema: nn.Module, model: nn.Module) -> tuple[list[Tensor], list[Te
 
 
 @torch.no_grad()
-def ema_update(ema: nn.Module | tuple, model: nn.Module | None, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model. `ema` is a module (with `model`) or ema_tensors' result."""
-    ema_f, model_f, ema_o, model_o = ema if isinstance(ema, tuple) else ema_tensors(ema, model)
+def ema_update(tensors: tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]], decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model over ema_tensors(ema, model)."""
+    ema_f, model_f, ema_o, model_o = tensors
     if all(e.dtype == m.dtype for e, m in zip(ema_f, model_f)):
         torch._foreach_lerp_(ema_f, [m.detach() for m in model_f], 1 - decay)  # one call for all tensors
     else:

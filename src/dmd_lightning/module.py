@@ -91,7 +91,6 @@ class DMDModule(LightningModule):
         self._noise: torch.Generator | None = None  # the losses' t and eps; created on the training device
         self._restored: dict | None = None  # RNG states from a checkpoint, applied before the next step
         self._ema_tensors: tuple | None = None
-        self._params: dict[str, list[nn.Parameter]] = {}  # trainable parameters by network, cached
 
     # ----------------------------------------------------------------------------------------------- setup
     def train(self, mode: bool = True):
@@ -156,7 +155,7 @@ class DMDModule(LightningModule):
             self._step(opt_g, sch_g, self.generator, loss, terms, "generator")
             if self._ema_tensors is None:  # cached: the module walks cost more than a small network's update
                 self._ema_tensors = ema_tensors(self.generator_ema, self.generator)
-            ema_update(self._ema_tensors, None, hp.ema_decay)
+            ema_update(self._ema_tensors, hp.ema_decay)
             x = x.detach()
         elif self.trains_fake_score:
             with torch.no_grad():
@@ -186,7 +185,7 @@ class DMDModule(LightningModule):
         return t[rank * n:(rank + 1) * n], eps[rank * n:(rank + 1) * n]
 
     def on_train_start(self) -> None:
-        self._ema_tensors, self._params = None, {}  # a device move since the last fit replaces buffers
+        self._ema_tensors = None  # a device move since the last fit replaces buffers
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if self._restored is not None:  # here, not in on_load_checkpoint: loader set-up still draws numbers
@@ -198,9 +197,8 @@ class DMDModule(LightningModule):
     def _step(self, opt, sched, net: nn.Module, loss: Tensor, terms: dict, name: str) -> None:
         """Backward, clip, check for non-finite values, step. Logs every term and the gradient norm."""
         self.manual_backward(loss)
-        if name not in self._params:
-            self._params[name] = list(net.parameters())
-        params = [p for p in self._params[name] if p.grad is not None]
+        # the optimizer's own list: walking the network's modules costs more than a small network's update
+        params = [p for group in opt.optimizer.param_groups for p in group["params"] if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.hparams.gradient_clip)
         bad = [k for k, v in terms.items() if not torch.isfinite(v)]
         if not torch.isfinite(grad_norm):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from lightning import Callback, LightningDataModule, LightningModule
 from torch.utils.data import DataLoader, TensorDataset
 
-from .ema import ema_update
+from .ema import ema_tensors, ema_update
 from .fmnist import DEFAULT_ROOT, load_fashion_mnist, to_model_space
 from .schedule import VPSchedule
 
@@ -60,7 +60,7 @@ class TeacherModule(LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         decay = min(self.hparams.ema_decay, (1 + self.global_step) / (10 + self.global_step))  # EMA warm-up
-        ema_update(self.ema, self.unet, decay)
+        ema_update(ema_tensors(self.ema, self.unet), decay)
 
     def train(self, mode: bool = True):
         super().train(mode)

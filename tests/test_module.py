@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 from conftest import tiny_unet
@@ -5,6 +7,7 @@ from lightning import Trainer
 from torch import nn
 
 from dmd_lightning import DMDModule, L2Loss, UNetDenoiser, VPSchedule
+from dmd_lightning.evaluation import Evaluator
 from dmd_lightning.module import NonFiniteError
 from dmd_lightning.toy2d import GaussianMixtureDenoiser, MLPDenoiser, MLPGenerator, ToyDataModule
 
@@ -140,3 +143,58 @@ def test_generator_timestep_and_fused_optimizers():
     assert m.generator.timestep == 700 and m.generator_ema.timestep == 700
     opt_g, opt_f = m.configure_optimizers()[0]
     assert opt_g.defaults["fused"] and opt_f.defaults["fused"]  # CPU tensors take the fused AdamW
+
+
+class MeanOfSamples(Evaluator):
+    def reset(self):
+        self.parts = []
+
+    def update(self, samples, batch):
+        self.parts.append(samples)
+
+    def compute(self):
+        return {"mean": float(torch.cat(self.parts).mean())}
+
+
+def test_validation_scores_the_ema_generator_and_optionally_the_raw_one(tmp_path):
+    m = toy_module(evaluator=MeanOfSamples(), validate_raw=True)
+    with torch.no_grad():
+        for p in m.generator.parameters():
+            p.add_(0.5)  # raw and EMA generators now differ
+    trainer = Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                      default_root_dir=tmp_path)
+    dm = ToyDataModule(batch_size=32, pair_batch_size=16, num_pairs=64, sampler_steps=10)
+    metrics = trainer.validate(m, datamodule=dm, verbose=False)[0]
+    dm.setup("validate")
+    z = torch.cat([b["z"] for b in dm.val_dataloader()])
+    assert metrics["val/mean"] == pytest.approx(float(m.sample(z, ema=True).mean()), rel=1e-5)
+    assert metrics["val/raw/mean"] == pytest.approx(float(m.sample(z, ema=False).mean()), rel=1e-5)
+    assert metrics["val/mean"] != pytest.approx(metrics["val/raw/mean"])
+    assert "val/raw/mean" not in Trainer(logger=False, enable_progress_bar=False, accelerator="cpu").validate(
+        toy_module(evaluator=MeanOfSamples()), datamodule=dm, verbose=False)[0]
+
+
+def test_warns_when_the_dm_loss_reaches_timesteps_of_large_x0_error_gain():
+    unet, schedule = tiny_unet()  # epsilon prediction on the linear schedule: sigma/alpha = 130 at 0.98T
+    with pytest.warns(UserWarning, match="DM loss reaches t = 980"):
+        DMDModule(UNetDenoiser(unet, schedule))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        DMDModule(UNetDenoiser(unet, schedule), t_range=(0.02, 0.5), generator_timestep=700)
+    assert not [w for w in caught if "DM loss" in str(w.message)]
+
+
+def test_checkpoints_leave_out_the_frozen_teacher_and_loading_puts_it_back():
+    unet, schedule = tiny_unet()
+    m = DMDModule(UNetDenoiser(unet, schedule), regression_loss=L2Loss(), generator_timestep=700)
+    with torch.no_grad():
+        next(m.generator.parameters()).add_(1.0)
+    ckpt = {"state_dict": m.state_dict()}
+    m.on_save_checkpoint(ckpt)
+    assert not any(k.startswith("teacher.") for k in ckpt["state_dict"])
+    assert any(k.startswith("fake_score.") for k in ckpt["state_dict"])
+    m2 = DMDModule(UNetDenoiser(unet, schedule), regression_loss=L2Loss(), generator_timestep=700)
+    m2.on_load_checkpoint(ckpt)
+    m2.load_state_dict(ckpt["state_dict"])  # strict: the teacher's keys are back
+    for a, b in zip(m.generator.parameters(), m2.generator.parameters()):
+        torch.testing.assert_close(a, b)

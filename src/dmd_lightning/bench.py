@@ -106,13 +106,13 @@ def fit_steps(module: DMDModule, batch: dict, iterations: int, callbacks: list) 
     trainer.fit(module, DataLoader([{k: v.cpu() for k, v in batch.items()}] * iterations, batch_size=None))
 
 
-def network_passes(case: Case, batch: dict) -> dict[str, Callable[[], object]]:
+def network_passes(case: Case, batch: dict, module: DMDModule) -> dict[str, Callable[[], object]]:
     """Each network pass of a DMD iteration as a function, on copies of the teacher; the fake-score update
-    uses the module's optimizer."""
-    teacher = case.teacher
+    uses the optimizer settings of `module`, the one the Trainer side runs."""
+    teacher, hp = case.teacher, module.hparams
     gen = OneStepGenerator.from_teacher(teacher).train()
     fake = copy.deepcopy(teacher).requires_grad_(True).train()
-    opt = make_adamw(fake.parameters(), 1e-5, (0.9, 0.999), 0.01)
+    opt = make_adamw(fake.parameters(), hp.fake_lr, tuple(hp.betas), hp.weight_decay)
     z, cond, pz, pc = batch["z"], batch.get("cond"), batch["pair_z"], batch.get("pair_cond")
     t = torch.full((len(z),), teacher.schedule.T // 2, device=z.device)
     x_t = teacher.schedule.add_noise(z, torch.randn_like(z), t)
@@ -147,8 +147,8 @@ def network_passes(case: Case, batch: dict) -> dict[str, Callable[[], object]]:
 def bench_dmd_step(case: Case, repeat: int = 5, warmup: int = 2) -> dict:
     """A Trainer-driven DMD iteration vs the sum of its network passes, each timed alone; target <= 1.15.
     The passes run between the Trainer's iterations, so both sides see the same machine load."""
-    batch = dmd_batch(case)
-    passes = network_passes(case, batch)
+    batch, module = dmd_batch(case), dmd_module(case)
+    passes = network_passes(case, batch, module)
     pass_times: dict[str, list[float]] = {k: [] for k in passes}
 
     def time_passes() -> None:
@@ -156,7 +156,7 @@ def bench_dmd_step(case: Case, repeat: int = 5, warmup: int = 2) -> dict:
             pass_times[k].append(median_time(fn, 1, 0))
 
     timer = StepTimer(time_passes)
-    fit_steps(dmd_module(case), batch, warmup + repeat, [timer])
+    fit_steps(module, batch, warmup + repeat, [timer])
     step, times = median(timer.times[warmup:]), {k: median(v[warmup:]) for k, v in pass_times.items()}
     total = sum(times.values())
     return {"batch": f"{case.batch} DM + {case.batch} regression", "step_s": step, "passes_s": times,

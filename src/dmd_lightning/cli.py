@@ -39,7 +39,7 @@ class DMDTrainer(Trainer):
 
         if ckpt_path is not None:
             checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-            model.load_state_dict(checkpoint["state_dict"])
+            model.load_state_dict(model.fill_frozen(checkpoint["state_dict"]))
         out = export_module(model, out_dir, ema=ema, teacher_path=teacher_path, dtype=dtype)
         print(f"exported the {'EMA ' if ema else ''}generator to {out}")
 

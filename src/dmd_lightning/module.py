@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import random
+import warnings
 
 import numpy as np
 import torch
@@ -14,7 +15,7 @@ from torch import Tensor, nn
 from .denoisers import Denoiser
 from .ema import ema_tensors, ema_update
 from .evaluation import Evaluator
-from .generator import OneStepGenerator
+from .generator import OneStepGenerator, error_gain
 from .losses import denoising_loss, distribution_matching_loss
 
 
@@ -39,6 +40,9 @@ class DMDModule(LightningModule):
     parameterization; see OneStepGenerator.from_teacher. `generator_timestep` (default T-1) is the timestep at
     which the generator reads pure noise: below T-1 where the teacher's x0-prediction amplifies its error too
     much there (an epsilon teacher on the linear DDPM schedule; see generator.error_gain).
+
+    Validation scores the EMA generator (`val/<metric>`); `validate_raw` also scores the raw one
+    (`val/raw/<metric>`) with a copy of the evaluator: the two differ most when the learning rate is too high.
 
     Ablations (paper Table 2): `dm_weight=0` is regression only; `use_fake_score=False` is the real score
     alone; `regression_loss=None` is DMD without regression.
@@ -72,12 +76,21 @@ class DMDModule(LightningModule):
         on_nonfinite: str = "skip",
         generator_prediction_type: str | None = None,
         generator_timestep: int | None = None,
+        validate_raw: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["teacher", "generator", "fake_score", "regression_loss", "evaluator"])
         if on_nonfinite not in ("skip", "stop"):
             raise ValueError(f"on_nonfinite must be 'skip' or 'stop', got {on_nonfinite!r}")
         self.automatic_optimization = False
+        t_max = min(int(t_range[1] * teacher.schedule.T), teacher.schedule.T - 1)
+        if dm_weight > 0 and (gain := error_gain(teacher.schedule, t_max)) > 50:
+            warnings.warn(
+                f"the DM loss reaches t = {t_max}, where the denoisers' x0-predictions multiply their "
+                f"{teacher.schedule.prediction_type} differences by {gain:.0f}: the fake score's fitting noise can "
+                "dominate the gradient. Consider a lower t_range upper bound (0.5 on the linear DDPM schedule).",
+                stacklevel=2,
+            )
         self.teacher = teacher.requires_grad_(False).eval()
         self.generator = generator if generator is not None else OneStepGenerator.from_teacher(
             teacher, timestep=generator_timestep, prediction_type=generator_prediction_type)
@@ -87,6 +100,7 @@ class DMDModule(LightningModule):
         self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False).eval()
         self.regression_loss = regression_loss
         self.evaluator = evaluator
+        self.evaluator_raw = copy.deepcopy(evaluator) if validate_raw and evaluator is not None else None
         self.iteration = 0  # training iterations done; with the ratio it gives the update phase
         self._noise: torch.Generator | None = None  # the losses' t and eps; created on the training device
         self._restored: dict | None = None  # RNG states from a checkpoint, applied before the next step
@@ -231,19 +245,22 @@ class DMDModule(LightningModule):
         """One network evaluation per sample, by the EMA generator unless ema=False."""
         return (self.generator_ema if ema else self.generator)(z, cond)
 
+    def _evaluators(self) -> dict[str, tuple[Evaluator, bool]]:
+        """Metric prefix -> (evaluator, whether it scores the EMA generator)."""
+        pairs = {"val/": (self.evaluator, True), "val/raw/": (self.evaluator_raw, False)}
+        return {k: v for k, v in pairs.items() if v[0] is not None}
+
     def on_validation_epoch_start(self) -> None:
-        if self.evaluator is not None:
-            self.evaluator.reset()
+        for evaluator, _ in self._evaluators().values():
+            evaluator.reset()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        x = self.sample(batch["z"], batch.get("cond"))
-        if self.evaluator is not None:
-            self.evaluator.update(x, batch)
+        for evaluator, ema in self._evaluators().values():
+            evaluator.update(self.sample(batch["z"], batch.get("cond"), ema=ema), batch)
 
     def on_validation_epoch_end(self) -> None:
-        if self.evaluator is not None:
-            metrics = {f"val/{k}": v for k, v in self.evaluator.compute().items()}
-            self.log_dict(metrics, sync_dist=True)
+        for prefix, (evaluator, _) in self._evaluators().items():
+            self.log_dict({prefix + k: v for k, v in evaluator.compute().items()}, sync_dist=True)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self.validation_step(batch, batch_idx)
@@ -262,13 +279,30 @@ class DMDModule(LightningModule):
         for name in ("generator", "fake_score", "generator_ema"):
             if not is_finite_module(getattr(self, name)):
                 raise NonFiniteError(f"{name} has non-finite weights at iteration {self.iteration}; not saving")
+        state = checkpoint["state_dict"]
+        for k in [k for k in state if k.startswith(FROZEN)]:
+            del state[k]
         checkpoint["dmd_iteration"] = self.iteration
         checkpoint["dmd_rng"] = {"global": rng_states(), "noise": self._noise.get_state() if self._noise is not None else None}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.fill_frozen(checkpoint["state_dict"])
         self.iteration = int(checkpoint.get("dmd_iteration", 0))
         rng = checkpoint.get("dmd_rng")
         self._restored = rng if rng is not None and rng["noise"] is not None else None
+
+    def fill_frozen(self, state: dict) -> dict:
+        """Complete a checkpoint's state dict with the frozen networks' weights as this module holds them
+        (loaded from their own files). Checkpoints leave them out: at SD1.5 scale the teacher alone is 3.4 GB.
+        Older checkpoints that hold them keep their own."""
+        for k, v in self.state_dict().items():
+            if k.startswith(FROZEN):
+                state.setdefault(k, v)
+        return state
+
+
+# state-dict prefixes of the networks that never train: left out of checkpoints
+FROZEN = ("teacher.", "regression_loss.", "evaluator.", "evaluator_raw.")
 
 
 def make_adamw(params, lr: float, betas: tuple[float, float], weight_decay: float) -> torch.optim.AdamW:

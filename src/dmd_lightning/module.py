@@ -84,7 +84,8 @@ class DMDModule(LightningModule):
             raise ValueError(f"on_nonfinite must be 'skip' or 'stop', got {on_nonfinite!r}")
         self.automatic_optimization = False
         t_max = min(int(t_range[1] * teacher.schedule.T), teacher.schedule.T - 1)
-        if dm_weight > 0 and (gain := error_gain(teacher.schedule, t_max)) > 50:
+        # the fake score as DMD builds it, a fine-tuned copy of the teacher (its own networks are the user's call)
+        if fake_score is None and dm_weight > 0 and (gain := error_gain(teacher.schedule, t_max)) > 50:
             warnings.warn(
                 f"the DM loss reaches t = {t_max}, where the denoisers' x0-predictions multiply their "
                 f"{teacher.schedule.prediction_type} differences by {gain:.0f}: the fake score's fitting noise can "

@@ -83,7 +83,7 @@ class DMDModule(LightningModule):
         if on_nonfinite not in ("skip", "stop"):
             raise ValueError(f"on_nonfinite must be 'skip' or 'stop', got {on_nonfinite!r}")
         self.automatic_optimization = False
-        t_max = min(int(t_range[1] * teacher.schedule.T), teacher.schedule.T - 1)
+        _, t_max = teacher.schedule.t_bounds(*t_range)
         # the fake score as DMD builds it, a fine-tuned copy of the teacher (its own networks are the user's call)
         if fake_score is None and dm_weight > 0 and (gain := error_gain(teacher.schedule, t_max)) > 50:
             warnings.warn(

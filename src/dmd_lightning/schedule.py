@@ -144,7 +144,11 @@ class VPSchedule(nn.Module):
             return 1 / sigma**2  # SNR + 1
         return torch.ones_like(alpha)
 
+    def t_bounds(self, lo: float, hi: float) -> tuple[int, int]:
+        """The integer timesteps [t_min, t_max] that fractions [lo, hi] of the train range cover."""
+        return int(lo * self.T), min(int(hi * self.T), self.T - 1)
+
     def sample_t(self, n: int, lo: float, hi: float, device=None, generator: torch.Generator | None = None) -> Tensor:
         """Integer timesteps uniform in [lo*T, hi*T] (fractions of the train range)."""
-        t_min, t_max = int(lo * self.T), min(int(hi * self.T), self.T - 1)
+        t_min, t_max = self.t_bounds(lo, hi)
         return torch.randint(t_min, t_max + 1, (n,), device=device, generator=generator)

@@ -296,9 +296,11 @@ class DMDModule(LightningModule):
         """Complete a checkpoint's state dict with the frozen networks' weights as this module holds them
         (loaded from their own files). Checkpoints leave them out: at SD1.5 scale the teacher alone is 3.4 GB.
         Older checkpoints that hold them keep their own."""
-        for k, v in self.state_dict().items():
-            if k.startswith(FROZEN):
-                state.setdefault(k, v)
+        for prefix in FROZEN:
+            net = getattr(self, prefix.rstrip("."), None)
+            if isinstance(net, nn.Module):
+                for k, v in net.state_dict(prefix=prefix).items():
+                    state.setdefault(k, v)
         return state
 
 

@@ -12,9 +12,10 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -81,22 +82,74 @@ def write_shard(path: Path, tensors: dict[str, Tensor], settings: dict) -> None:
 
 
 def read_shard(path: Path, indices: range) -> tuple[dict[str, Tensor], dict]:
-    """Tensors and settings of one shard; PairsError naming the file if it is truncated or holds other indices."""
+    """Settings of one shard and its small per-pair tensors (`index`, and `cond`, `prompt_index`, ... if present;
+    not the images: see map_shard). PairsError naming the file if it is truncated or holds other indices."""
     try:
-        tensors = load_file(str(path))
         with safe_open(str(path), framework="pt") as f:
             settings = json.loads((f.metadata() or {})["settings"])
+            lengths = {k: f.get_slice(k).get_shape()[0] for k in f.keys()}
+            small = {k: f.get_tensor(k) for k in f.keys() if k not in IMAGES}
     except FileNotFoundError:
         raise PairsError(f"shard {path} is missing") from None
     except Exception as err:  # safetensors raises its own error types for truncated or garbled files
         raise PairsError(f"shard {path} is truncated or corrupted ({type(err).__name__}: {err}); delete it and "
                          "rerun `dmd pairs` to regenerate it") from None
     expected = torch.arange(indices.start, indices.stop)
-    index = tensors.get("index")
-    if index is None or not torch.equal(index, expected) or any(len(t) != len(expected) for t in tensors.values()):
+    index = small.get("index")
+    if index is None or not torch.equal(index, expected) or any(n != len(expected) for n in lengths.values()):
         raise PairsError(f"shard {path} does not hold pairs {indices.start}..{indices.stop - 1} with matching sizes; "
                          "delete it and rerun `dmd pairs`")
-    return tensors, settings
+    return small, settings
+
+
+# the per-pair tensors that hold images (or latents): memory-mapped, never loaded whole
+IMAGES = ("noise", "x")
+_NUMPY = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.int16, "I64": np.int64,
+          "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def map_shard(path: Path, names: tuple[str, ...] = IMAGES) -> dict[str, tuple[np.memmap, str]]:
+    """Read-only memory maps of a safetensors file's tensors `names`, with their safetensors dtypes: reading a
+    row touches only its pages, and the OS page cache shares them between the ranks of a machine."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    out = {}
+    for name in names:
+        info = header[name]
+        begin, _ = info["data_offsets"]
+        out[name] = (np.memmap(path, dtype=_NUMPY[info["dtype"]], mode="r", offset=8 + size + begin,
+                               shape=tuple(info["shape"])), info["dtype"])
+    return out
+
+
+class MappedRows:
+    """One per-pair tensor spread over shard files, memory-mapped. Indexing by an int, a slice or an index
+    tensor gathers those rows into a new tensor; `shape` and `dtype` are the whole tensor's."""
+
+    def __init__(self, parts: list[np.memmap], safetensors_dtype: str):
+        self.parts, self.bf16 = parts, safetensors_dtype == "BF16"
+        self.starts = np.cumsum([0] + [len(p) for p in parts])
+        self.shape = torch.Size([int(self.starts[-1]), *parts[0].shape[1:]])
+        self.dtype = torch.bfloat16 if self.bf16 else torch.from_numpy(np.empty(0, parts[0].dtype)).dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx) -> Tensor:
+        single = isinstance(idx, int)
+        rows = np.arange(len(self))[idx] if single or isinstance(idx, slice) else torch.as_tensor(idx).numpy()
+        rows = np.atleast_1d(np.where(rows < 0, rows + len(self), rows))
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"pair index out of range for {len(self)} pairs")
+        shard = np.searchsorted(self.starts, rows, side="right") - 1
+        out = np.empty((len(rows), *self.shape[1:]), dtype=self.parts[0].dtype)
+        for s in np.unique(shard):
+            take = shard == s
+            out[take] = self.parts[s][rows[take] - self.starts[s]]
+        t = torch.from_numpy(out)
+        t = t.view(torch.bfloat16) if self.bf16 else t
+        return t[0] if single else t
 
 
 def shard_is_complete(path: Path, indices: range) -> bool:
@@ -120,10 +173,12 @@ def check_expected(manifest: dict, expect: dict | None, where: Path) -> None:
 
 
 class PairDataset(Dataset):
-    """All pairs of a folder in memory: items {"pair_z", "pair_x", "pair_cond"} and whole tensors `noise`, `x`, `cond`.
+    """The pairs of a folder: items {"pair_z", "pair_x", "pair_cond"}, and the columns `noise`, `x` (MappedRows:
+    memory-mapped, so a rank holds only the rows it reads; `pairs.x[idx]` gathers a batch), `cond` and `index`
+    (tensors, in memory).
 
     `expect` maps manifest keys (teacher, sampler, num_steps, guidance_scale, noise_shape, ...) to the values
-    the caller requires. Tensors keep their storage dtype (float32 or float16).
+    the caller requires. Rows keep their storage dtype (float32 or float16).
     """
 
     def __init__(self, folder: str | Path, expect: dict | None = None):
@@ -137,15 +192,15 @@ class PairDataset(Dataset):
             raise PairsError(f"pair set {self.folder} is incomplete: {total - len(missing)} of {total} shards present; "
                              f"missing {missing[0].name}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
                              + "; rerun `dmd pairs` to finish it")
-        parts = []
+        small, maps = [], []
         for s, path in enumerate(paths):
             tensors, settings = read_shard(path, shard_range(s, n, size))
             check_expected(settings, {k: self.manifest.get(k) for k in settings}, path)
-            parts.append(tensors)
-        self.index = torch.cat([p["index"] for p in parts])
-        self.noise = torch.cat([p["noise"] for p in parts])
-        self.x = torch.cat([p["x"] for p in parts])
-        self.cond = torch.cat([p["cond"] for p in parts]) if "cond" in parts[0] else None
+            small.append(tensors)
+            maps.append(map_shard(path))
+        self.index = torch.cat([p["index"] for p in small])
+        self.cond = torch.cat([p["cond"] for p in small]) if "cond" in small[0] else None
+        self.noise, self.x = (MappedRows([m[k][0] for m in maps], maps[0][k][1]) for k in IMAGES)
 
     def __len__(self) -> int:
         return len(self.noise)

@@ -44,6 +44,7 @@ class TeacherModule(LightningModule):
         self.schedule = schedule or VPSchedule()
         self.unet = fmnist_unet(num_classes, block_out_channels, layers_per_block)
         self.ema = copy.deepcopy(self.unet).requires_grad_(False).eval()
+        self._ema_tensors: tuple | None = None  # built once per fit: walking the modules each step costs
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -60,7 +61,12 @@ class TeacherModule(LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         decay = min(self.hparams.ema_decay, (1 + self.global_step) / (10 + self.global_step))  # EMA warm-up
-        ema_update(ema_tensors(self.ema, self.unet), decay)
+        if self._ema_tensors is None:
+            self._ema_tensors = ema_tensors(self.ema, self.unet)
+        ema_update(self._ema_tensors, decay)
+
+    def on_train_start(self) -> None:
+        self._ema_tensors = None  # a device move since the last fit replaces the tensors
 
     def train(self, mode: bool = True):
         super().train(mode)

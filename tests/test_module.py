@@ -198,3 +198,13 @@ def test_checkpoints_leave_out_the_frozen_teacher_and_loading_puts_it_back():
     m2.load_state_dict(ckpt["state_dict"])  # strict: the teacher's keys are back
     for a, b in zip(m.generator.parameters(), m2.generator.parameters()):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_generator_ema_warms_up_unless_told_not_to(tmp_path, warmup):
+    m = toy_module(ema_decay=0.99, ema_warmup=warmup)
+    ema0 = [p.detach().clone() for p in m.generator_ema.parameters()]
+    fit(m, max_steps=2, tmp_path=tmp_path)  # one iteration: one generator update (decay 0.1 when warming up)
+    decay = 0.1 if warmup else 0.99
+    for e0, e, g in zip(ema0, m.generator_ema.parameters(), m.generator.parameters()):
+        torch.testing.assert_close(e, decay * e0 + (1 - decay) * g, rtol=1e-5, atol=1e-6)

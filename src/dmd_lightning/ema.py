@@ -26,3 +26,9 @@ def ema_update(tensors: tuple[list[Tensor], list[Tensor], list[Tensor], list[Ten
             e.lerp_(m.detach().to(e.dtype), 1 - decay)
     for e, m in zip(ema_o, model_o):
         e.copy_(m)
+
+
+def warmup_decay(decay: float, n: int) -> float:
+    """The decay of the (n+1)-th update: min(decay, (1 + n) / (10 + n)). Early averages follow the model
+    instead of holding on to its initialization, which would otherwise weigh decay**n in the EMA for long."""
+    return min(decay, (1 + n) / (10 + n))

@@ -13,7 +13,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 
 from .denoisers import Denoiser
-from .ema import ema_tensors, ema_update
+from .ema import ema_tensors, ema_update, warmup_decay
 from .evaluation import Evaluator
 from .generator import OneStepGenerator, error_gain
 from .losses import denoising_loss, distribution_matching_loss
@@ -40,6 +40,10 @@ class DMDModule(LightningModule):
     parameterization; see OneStepGenerator.from_teacher. `generator_timestep` (default T-1) is the timestep at
     which the generator reads pure noise: below T-1 where the teacher's x0-prediction amplifies its error too
     much there (an epsilon teacher on the linear DDPM schedule; see generator.error_gain).
+
+    The generator's EMA (`ema_decay`) warms up unless `ema_warmup=False`: update n uses
+    min(ema_decay, (1 + n) / (10 + n)), so that a short run's EMA is not mostly the initialization (at 0.995
+    without it, the teacher copy still weighs 0.22 after 300 updates).
 
     Validation scores the EMA generator (`val/<metric>`); `validate_raw` also scores the raw one
     (`val/raw/<metric>`) with a copy of the evaluator: the two differ most when the learning rate is too high.
@@ -73,6 +77,7 @@ class DMDModule(LightningModule):
         warmup_steps: int = 500,
         gradient_clip: float = 10.0,
         ema_decay: float = 0.999,
+        ema_warmup: bool = True,
         on_nonfinite: str = "skip",
         generator_prediction_type: str | None = None,
         generator_timestep: int | None = None,
@@ -170,7 +175,8 @@ class DMDModule(LightningModule):
             self._step(opt_g, sch_g, self.generator, loss, terms, "generator")
             if self._ema_tensors is None:  # cached: the module walks cost more than a small network's update
                 self._ema_tensors = ema_tensors(self.generator_ema, self.generator)
-            ema_update(self._ema_tensors, hp.ema_decay)
+            updates = (self.iteration - 1) // hp.fake_updates_per_generator_update  # generator updates before this
+            ema_update(self._ema_tensors, warmup_decay(hp.ema_decay, updates) if hp.ema_warmup else hp.ema_decay)
             x = x.detach()
         elif self.trains_fake_score:
             with torch.no_grad():

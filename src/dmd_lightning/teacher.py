@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from lightning import Callback, LightningDataModule, LightningModule
 from torch.utils.data import DataLoader, TensorDataset
 
-from .ema import ema_tensors, ema_update
+from .ema import ema_tensors, ema_update, warmup_decay
 from .fmnist import DEFAULT_ROOT, load_fashion_mnist, to_model_space
 from .schedule import VPSchedule
 
@@ -60,7 +60,7 @@ class TeacherModule(LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        decay = min(self.hparams.ema_decay, (1 + self.global_step) / (10 + self.global_step))  # EMA warm-up
+        decay = warmup_decay(self.hparams.ema_decay, self.global_step)
         if self._ema_tensors is None:
             self._ema_tensors = ema_tensors(self.ema, self.unet)
         ema_update(self._ema_tensors, decay)

@@ -27,7 +27,7 @@ class OneStepGenerator(nn.Module):
             warnings.warn(
                 f"the teacher's x0-prediction at t={self.timestep} multiplies its {denoiser.schedule.prediction_type} "
                 f"error by {gain:.0f} (alpha_t = {1 / gain:.4f}): the one-step initialization will be mostly noise. "
-                "Read the noise at a lower timestep (DMDModule's generator_timestep; 700 gives 12 on the linear "
+                "Read the noise at a lower timestep (DMDModule's generator_timestep; 400 gives 2.0 on the linear "
                 "schedule), or use a v-prediction teacher or a schedule with larger alpha_T (scaled_linear).",
                 stacklevel=2,
             )

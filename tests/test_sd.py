@@ -267,3 +267,41 @@ def test_sd15_config_fits_with_the_tiny_pipeline(sd, pairs, tmp_path):
     exported = UNet2DConditionModel.from_pretrained(tmp_path / "export" / "unet").state_dict()
     for k, v in m.generator_ema.denoiser.unet.state_dict().items():
         assert torch.equal(exported[k], v), k
+
+    # `dmd predict` with the config's SampleWriter: decoded images and their prompts
+    writer = {"class_path": "dmd_lightning.predict.SampleWriter",
+              "init_args": {"out": str(tmp_path / "samples.npz"), "vae": sd["pipe"]}}
+    (tmp_path / "predict.yaml").write_text(yaml.safe_dump({"trainer": {"callbacks": [writer]},
+                                                           "data": {"init_args": {"val_size": 3}}}))
+    cli(["predict", "--config", "configs/sd15.yaml", "--config", str(tmp_path / "override.yaml"),
+         "--config", str(tmp_path / "predict.yaml"), "--ckpt_path", str(tmp_path / "last.ckpt")])
+    samples = np.load(tmp_path / "samples.npz")
+    assert samples["images"].shape == (3, 64, 64, 3) and samples["images"].dtype == np.uint8
+    assert samples["prompts"].tolist() == PROMPTS[:3]
+
+
+@pytest.mark.parametrize("suffix", [".npz", ""])
+def test_sample_writer_decodes_latents_and_keeps_the_prompts(sd, tmp_path, suffix):
+    from types import SimpleNamespace
+
+    from dmd_lightning.fmnist import to_uint8
+    from dmd_lightning.predict import SampleWriter
+
+    out = tmp_path / f"samples{suffix}"
+    writer = SampleWriter(str(out), vae=sd["pipe"])
+    trainer = SimpleNamespace(world_size=1, global_rank=0)
+    latents = torch.randn(2, 4, 8, 8)
+    prediction = {"x": latents, "cond": torch.randn(2, 7, 16), "prompt": PROMPTS[:2]}  # embeddings are no labels
+    writer.write_on_batch_end(trainer, None, prediction, None, None, 0)
+    writer.on_predict_epoch_end(trainer, None)
+    expected = to_uint8(decode_latents(load_vae(sd["pipe"]), latents)).permute(0, 2, 3, 1).numpy()
+    if suffix:
+        saved = np.load(out)
+        assert set(saved.files) == {"images", "prompts"} and saved["images"].shape == (2, 64, 64, 3)
+        assert np.array_equal(saved["images"], expected) and saved["prompts"].tolist() == PROMPTS[:2]
+    else:
+        from PIL import Image
+
+        assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000000.txt", "000001.png", "000001.txt"]
+        assert np.array_equal(np.asarray(Image.open(out / "000001.png")), expected[1])
+        assert (out / "000000.txt").read_text() == PROMPTS[0] + "\n"

@@ -138,8 +138,11 @@ class MappedRows:
 
     def __getitem__(self, idx) -> Tensor:
         single = isinstance(idx, int)
-        rows = np.arange(len(self))[idx] if single or isinstance(idx, slice) else torch.as_tensor(idx).numpy()
-        rows = np.atleast_1d(np.where(rows < 0, rows + len(self), rows))
+        if isinstance(idx, slice):
+            rows = np.arange(*idx.indices(len(self)))
+        else:  # an int or an index tensor, without building an index of every pair
+            rows = np.atleast_1d(torch.as_tensor(idx).numpy())
+        rows = np.where(rows < 0, rows + len(self), rows)
         if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
             raise IndexError(f"pair index out of range for {len(self)} pairs")
         shard = np.searchsorted(self.starts, rows, side="right") - 1
@@ -175,7 +178,7 @@ def check_expected(manifest: dict, expect: dict | None, where: Path) -> None:
 class PairDataset(Dataset):
     """The pairs of a folder: items {"pair_z", "pair_x", "pair_cond"}, and the columns `noise`, `x` (MappedRows:
     memory-mapped, so a rank holds only the rows it reads; `pairs.x[idx]` gathers a batch), `cond` and `index`
-    (tensors, in memory).
+    (tensors, in memory). `columns` holds every small per-pair tensor of the shards (index, cond, ...).
 
     `expect` maps manifest keys (teacher, sampler, num_steps, guidance_scale, noise_shape, ...) to the values
     the caller requires. Rows keep their storage dtype (float32 or float16).
@@ -198,8 +201,8 @@ class PairDataset(Dataset):
             check_expected(settings, {k: self.manifest.get(k) for k in settings}, path)
             small.append(tensors)
             maps.append(map_shard(path))
-        self.index = torch.cat([p["index"] for p in small])
-        self.cond = torch.cat([p["cond"] for p in small]) if "cond" in small[0] else None
+        self.columns = {k: torch.cat([p[k] for p in small]) for k in small[0]}
+        self.index, self.cond = self.columns["index"], self.columns.get("cond")
         self.noise, self.x = (MappedRows([m[k][0] for m in maps], maps[0][k][1]) for k in IMAGES)
 
     def __len__(self) -> int:

@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from .data import StreamDataModule
-from .pair_data import PairDataset, PairsError, atomic_write_bytes, item_noise, shard_name
+from .pair_data import PairDataset, PairsError, atomic_write_bytes, item_noise
 from .pairs import PairGenerationDataModule, PairGenerator, _ShardBatches, make_batch
 from .sd import PromptEmbeddings
 
@@ -142,11 +141,9 @@ class LatentPairDataset(PairDataset):
         if not path.is_file():
             raise PairsError(f"{path} is missing: {self.folder} is not a text-to-image pair folder")
         self.prompts = json.loads(path.read_text())
-        parts = []
-        for s in range(self.manifest["num_shards"]):
-            with safe_open(str(self.folder / shard_name(s)), framework="pt") as f:
-                parts.append(f.get_tensor("prompt_index"))
-        self.prompt_index = torch.cat(parts)
+        if "prompt_index" not in self.columns:
+            raise PairsError(f"the shards of {self.folder} hold no prompt_index: not a text-to-image pair folder")
+        self.prompt_index = self.columns["prompt_index"]
 
 
 class _ValBatches(Dataset):

@@ -8,7 +8,7 @@ from torch import nn
 
 from dmd_lightning import DMDModule, L2Loss, UNetDenoiser, VPSchedule
 from dmd_lightning.evaluation import Evaluator
-from dmd_lightning.module import NonFiniteError
+from dmd_lightning.module import NonFiniteError, lr_factor
 from dmd_lightning.toy2d import GaussianMixtureDenoiser, MLPDenoiser, MLPGenerator, ToyDataModule
 
 
@@ -208,3 +208,39 @@ def test_generator_ema_warms_up_unless_told_not_to(tmp_path, warmup):
     decay = 0.1 if warmup else 0.99
     for e0, e, g in zip(ema0, m.generator_ema.parameters(), m.generator.parameters()):
         torch.testing.assert_close(e, decay * e0 + (1 - decay) * g, rtol=1e-5, atol=1e-6)
+
+
+def test_lr_factor_warms_up_then_stays_or_follows_a_half_cosine():
+    assert [lr_factor(s, 4) for s in (0, 1, 3, 10)] == [0.25, 0.5, 1.0, 1.0]
+    assert lr_factor(3, 4, decay_steps=14) == 1.0  # warm-up's end
+    assert lr_factor(9, 4, decay_steps=14, min_ratio=0.1) == pytest.approx(0.55)  # half way: the mean of 1 and 0.1
+    assert lr_factor(14, 4, decay_steps=14, min_ratio=0.1) == pytest.approx(0.1)
+    assert lr_factor(100, 4, decay_steps=14, min_ratio=0.1) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="lr_decay"):
+        toy_module(lr_decay="linear")
+
+
+@pytest.mark.parametrize("ratio", [1, 3])
+def test_cosine_decay_ends_both_networks_at_the_floor_at_max_steps(tmp_path, ratio):
+    m = toy_module(lr_decay="cosine", min_lr_ratio=0.1, fake_updates_per_generator_update=ratio)
+    fit(m, max_steps=8 * (1 + ratio), tmp_path=tmp_path)  # 8 generator updates, 8 * ratio fake-score updates
+    assert m.iteration == 8 * ratio
+    for opt, lr in zip(m.optimizers(), (1e-3, 1e-3)):
+        assert opt.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * lr)
+    half = toy_module(lr_decay="cosine", decay_steps=16, min_lr_ratio=0.1, fake_updates_per_generator_update=ratio)
+    fit(half, max_steps=8 * (1 + ratio), tmp_path=tmp_path)  # decay_steps over max_steps: not at the floor yet
+    for opt in half.optimizers():
+        assert 0.5 < opt.optimizer.param_groups[0]["lr"] / 1e-3 < 0.7
+
+
+def test_fake_score_learns_at_its_own_t_range(tmp_path, monkeypatch):
+    import dmd_lightning.module as module
+
+    seen = []
+    real = module.denoising_loss
+    monkeypatch.setattr(module, "denoising_loss", lambda fake, x, cond, t, eps: seen.append(t) or real(fake, x, cond, t, eps))
+    m = toy_module(fake_t_range=(0.2, 0.3))
+    fit(m, max_steps=6, tmp_path=tmp_path)
+    t = torch.cat(seen)
+    lo, hi = m.fake_score.schedule.t_bounds(0.2, 0.3)
+    assert len(seen) == 3 and lo <= int(t.min()) and int(t.max()) <= hi and hi < m.fake_score.schedule.T // 2

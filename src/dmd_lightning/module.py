@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import random
 import warnings
 
@@ -45,6 +46,14 @@ class DMDModule(LightningModule):
     min(ema_decay, (1 + n) / (10 + n)), so that a short run's EMA is not mostly the initialization (at 0.995
     without it, the teacher copy still weighs 0.22 after 300 updates).
 
+    The fake score learns the generator's samples at t ~ U[fake_t_range * T], the whole range by default
+    (DMD); the DM loss only asks it at t_range, where a narrower fake_t_range spends all its updates.
+
+    Each network's lr warms up linearly over its first `warmup_steps` updates; `lr_decay="cosine"` then
+    decays both to `min_lr_ratio` x their value by `decay_steps` generator updates (default: the trainer's
+    max_steps; the fake score's decay keeps pace with the generator's). A constant lr keeps the raw generator moving along the min-max game's oscillation; the decay
+    lets it settle.
+
     Validation scores the EMA generator (`val/<metric>`); `validate_raw` also scores the raw one
     (`val/raw/<metric>`) with a copy of the evaluator: the two differ most when the learning rate is too high.
 
@@ -70,11 +79,15 @@ class DMDModule(LightningModule):
         use_fake_score: bool = True,
         fake_updates_per_generator_update: int = 1,
         t_range: tuple[float, float] = (0.02, 0.98),
+        fake_t_range: tuple[float, float] = (0.0, 1.0),
         generator_lr: float = 1e-5,
         fake_lr: float = 1e-5,
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 500,
+        lr_decay: str = "constant",
+        decay_steps: int | None = None,
+        min_lr_ratio: float = 0.0,
         gradient_clip: float = 10.0,
         ema_decay: float = 0.999,
         ema_warmup: bool = True,
@@ -85,6 +98,8 @@ class DMDModule(LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["teacher", "generator", "fake_score", "regression_loss", "evaluator"])
+        if lr_decay not in ("constant", "cosine"):
+            raise ValueError(f"lr_decay must be 'constant' or 'cosine', got {lr_decay!r}")
         if on_nonfinite not in ("skip", "stop"):
             raise ValueError(f"on_nonfinite must be 'skip' or 'stop', got {on_nonfinite!r}")
         self.automatic_optimization = False
@@ -132,14 +147,32 @@ class DMDModule(LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
 
-        def adamw(params, lr):
-            opt = make_adamw(params, lr, tuple(hp.betas), hp.weight_decay)
-            warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, hp.warmup_steps)))
-            return opt, warmup
+        ratio = hp.fake_updates_per_generator_update
+        total = self._decay_steps()
 
-        opt_g, sch_g = adamw(self.generator.parameters(), hp.generator_lr)
-        opt_f, sch_f = adamw(self.fake_score.parameters(), hp.fake_lr)
+        def adamw(params, lr, updates_per_generator_update):
+            opt = make_adamw(params, lr, tuple(hp.betas), hp.weight_decay)
+            decay = total * updates_per_generator_update if total is not None else None
+            return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, hp.warmup_steps, decay, hp.min_lr_ratio))
+
+        # each warms up over its own first updates; the fake score's decay follows the generator's phase
+        opt_g, sch_g = adamw(self.generator.parameters(), hp.generator_lr, 1)
+        opt_f, sch_f = adamw(self.fake_score.parameters(), hp.fake_lr, ratio)
         return [opt_g, opt_f], [sch_g, sch_f]
+
+    def _decay_steps(self) -> int | None:
+        """Generator updates over which a cosine lr decays: `decay_steps`, else the trainer's max_steps (which
+        counts both networks' optimizer steps: 1 + ratio per generator update, 1 + 1 without a fake score)."""
+        hp = self.hparams
+        if hp.lr_decay == "constant":
+            return None
+        if hp.decay_steps is not None:
+            return hp.decay_steps
+        max_steps = self.trainer.max_steps if self._trainer is not None else -1
+        if max_steps is None or max_steps <= 0:
+            raise ValueError("lr_decay='cosine' needs decay_steps or the trainer's max_steps")
+        per_update = 1 + (hp.fake_updates_per_generator_update if self.trains_fake_score else 0)
+        return max(1, max_steps // per_update)
 
     # -------------------------------------------------------------------------------------------- training
     @property
@@ -183,7 +216,7 @@ class DMDModule(LightningModule):
                 x = self.generator(z, cond)
 
         if self.trains_fake_score:
-            t, eps = self._draw(x, self.fake_score.schedule, (0.0, 1.0))
+            t, eps = self._draw(x, self.fake_score.schedule, tuple(hp.fake_t_range))
             loss_f = denoising_loss(self.fake_score, x, cond, t, eps)
             self._step(opt_f, sch_f, self.fake_score, loss_f, {"denoising": loss_f}, "fake_score")
         if self._logs_now:
@@ -312,6 +345,16 @@ class DMDModule(LightningModule):
 
 # state-dict prefixes of the networks that never train: left out of checkpoints
 FROZEN = ("teacher.", "regression_loss.", "evaluator.", "evaluator_raw.")
+
+
+def lr_factor(step: int, warmup_steps: int, decay_steps: int | None = None, min_ratio: float = 0.0) -> float:
+    """The lr multiplier after `step` updates: linear warm-up over `warmup_steps`, then constant, or with
+    `decay_steps` a half cosine from 1 at the warm-up's end to `min_ratio` at `decay_steps` (and after)."""
+    warm = min(1.0, (step + 1) / max(1, warmup_steps))
+    if decay_steps is None or step < warmup_steps:
+        return warm
+    progress = min(1.0, (step - warmup_steps) / max(1, decay_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def make_adamw(params, lr: float, betas: tuple[float, float], weight_decay: float) -> torch.optim.AdamW:

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
 
 from dmd_lightning import PretrainedUNetDenoiser
 from dmd_lightning.data import DMDDataModule
@@ -20,14 +21,16 @@ from dmd_lightning.fmnist import to_uint8
 from dmd_lightning.pair_data import PairDataset
 from dmd_lightning.samplers import make_scheduler, sample_ode
 
-# configs/fmnist.yaml's evaluator, so that the reference statistics are cached once for every run
-EVALUATOR = {"weights_path": "weights/fmnist-classifier.safetensors", "reference_split": "test",
-             "cache_dir": "runs/fid_cache"}
+
+def config_evaluator() -> FIDEvaluator:
+    """configs/fmnist.yaml's evaluator, so that the reference statistics are cached once for every run."""
+    config = yaml.safe_load(Path("configs/fmnist.yaml").read_text())
+    return FIDEvaluator(**config["model"]["init_args"]["evaluator"]["init_args"])
 
 
 def teacher(pairs_dir: str, out_json: str) -> dict:
     pairs = PairDataset(pairs_dir)
-    evaluator = FIDEvaluator(**EVALUATOR)
+    evaluator = config_evaluator()
     evaluator.reset()
     evaluator.update(pairs.x[:len(pairs)].float())
     m = pairs.manifest
@@ -45,11 +48,8 @@ def grid(pairs_dir: str, out_png: str, *run_dirs: str) -> None:
     dm = DMDDataModule(pairs_dir)  # the default validation seeds and labels, as in the runs
     dm.setup("validate")
     b = dm.val_batches()[0]
-    rows = []
-    n = None
-    for run in run_dirs:
-        rows.append(torch.load(Path(run) / "samples.pt", weights_only=True))
-        n = len(rows[-1])
+    rows = [torch.load(Path(run) / "samples.pt", weights_only=True) for run in run_dirs]
+    n = len(rows[0])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     net = PretrainedUNetDenoiser(m["teacher"]).to(device).eval()
     z, cond = b["z"][:n].to(device), b["cond"][:n].to(device)

@@ -37,12 +37,12 @@ variant regression_only --model.init_args.dm_weight 0
 variant no_regression --model.init_args.regression_loss null
 variant full_lr2x --model.init_args.generator_lr 1.0e-4 --model.init_args.fake_lr 2.0e-4
 wait
+names=(full regression_only no_regression full_lr2x)  # the grid's row order
 grep -h RESULT "$WORK"/*.log | tee -a "$OUT/run.log"
-for n in full regression_only no_regression full_lr2x; do grep -q RESULT "$WORK/$n.log" || tail -15 "$WORK/$n.log"; done
+for n in "${names[@]}"; do grep -q RESULT "$WORK/$n.log" || tail -15 "$WORK/$n.log"; done
 
 log "grid and collection"
-python3 scripts/fmnist_summary.py grid "$WORK/pairs" "$OUT/samples.png" \
-  "$WORK"/runs/{full,regression_only,no_regression,full_lr2x} 2>&1 | tail -3
+python3 scripts/fmnist_summary.py grid "$WORK/pairs" "$OUT/samples.png" "${names[@]/#/$WORK/runs/}" 2>&1 | tail -3
 python3 - "$WORK" "$OUT/results.json" <<'EOF'
 import json, sys
 from pathlib import Path

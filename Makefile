@@ -3,7 +3,7 @@ PYTHON ?= python3
 STAMP := .make/installed
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: install data demo pairs toy test test-slow bench clean
+.PHONY: install data demo pairs toy test test-slow bench teacher-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install -q -e ".[dev]"
@@ -39,6 +39,10 @@ test-slow: $(STAMP) data
 ## Speed and memory as ratios measured side by side (runs/bench/bench.md, bench.json); a few minutes on 2 CPU cores.
 bench: $(STAMP)
 	$(PYTHON) -m dmd_lightning.bench --out runs/bench
+
+## Is the teacher fit to distil? x0 MSE vs a linear denoiser, ranges, label agreement, FID (minutes on a GPU).
+teacher-check: $(STAMP) data
+	$(PYTHON) -m dmd_lightning.teacher_check --teacher weights/fmnist-teacher --out runs/teacher_check/fmnist-teacher.json
 
 clean:
 	rm -rf runs .make .pytest_cache

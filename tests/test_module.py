@@ -128,19 +128,10 @@ def test_non_finite_fake_score_loss_is_skipped_or_stops(tmp_path):
         fit(module("stop"), max_steps=4, tmp_path=tmp_path)
 
 
-def test_generator_can_read_the_teacher_copy_in_another_parameterization():
+def test_generator_reads_noise_at_the_last_timestep_and_optimizers_are_fused():
     unet, schedule = tiny_unet()
-    m = DMDModule(UNetDenoiser(unet, schedule), generator_prediction_type="sample")
-    z, y = torch.randn(2, 1, 16, 16), torch.tensor([1, 2])
-    raw = unet(z, torch.full((2,), schedule.T - 1), class_labels=y).sample
-    torch.testing.assert_close(m.generator(z, y), raw)  # the network's output is the image itself
-    assert m.teacher.schedule.prediction_type == "epsilon"  # the teacher is untouched
-
-
-def test_generator_timestep_and_fused_optimizers():
-    unet, schedule = tiny_unet()
-    m = DMDModule(UNetDenoiser(unet, schedule), generator_timestep=700)
-    assert m.generator.timestep == 700 and m.generator_ema.timestep == 700
+    m = DMDModule(UNetDenoiser(unet, schedule))
+    assert m.generator.timestep == schedule.T - 1 and m.generator_ema.timestep == schedule.T - 1
     opt_g, opt_f = m.configure_optimizers()[0]
     assert opt_g.defaults["fused"] and opt_f.defaults["fused"]  # CPU tensors take the fused AdamW
 
@@ -180,20 +171,20 @@ def test_warns_when_the_dm_loss_reaches_timesteps_of_large_x0_error_gain():
         DMDModule(UNetDenoiser(unet, schedule))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        DMDModule(UNetDenoiser(unet, schedule), t_range=(0.02, 0.5), generator_timestep=700)
+        DMDModule(UNetDenoiser(unet, schedule), t_range=(0.02, 0.5))
     assert not [w for w in caught if "DM loss" in str(w.message)]
 
 
 def test_checkpoints_leave_out_the_frozen_teacher_and_loading_puts_it_back():
     unet, schedule = tiny_unet()
-    m = DMDModule(UNetDenoiser(unet, schedule), regression_loss=L2Loss(), generator_timestep=700)
+    m = DMDModule(UNetDenoiser(unet, schedule), regression_loss=L2Loss())
     with torch.no_grad():
         next(m.generator.parameters()).add_(1.0)
     ckpt = {"state_dict": m.state_dict()}
     m.on_save_checkpoint(ckpt)
     assert not any(k.startswith("teacher.") for k in ckpt["state_dict"])
     assert any(k.startswith("fake_score.") for k in ckpt["state_dict"])
-    m2 = DMDModule(UNetDenoiser(unet, schedule), regression_loss=L2Loss(), generator_timestep=700)
+    m2 = DMDModule(UNetDenoiser(unet, schedule), regression_loss=L2Loss())
     m2.on_load_checkpoint(ckpt)
     m2.load_state_dict(ckpt["state_dict"])  # strict: the teacher's keys are back
     for a, b in zip(m.generator.parameters(), m2.generator.parameters()):

@@ -66,12 +66,13 @@ class DMDDataModule(StreamDataModule):
     Conditions of the DM batch are drawn with the label frequencies of the pairs (which follow the data's
     labels); `expect` (e.g. {"teacher": ..., "sampler": "ddim", "num_steps": 50}) is checked against the
     settings that made the pairs. `batch_size` and `pair_batch_size` are per device; pairs are drawn uniformly
-    with replacement.
+    with replacement. Validation noise comes from `val_seed` (default `seed + 1`): choose settings on one
+    val_seed and report on another, so that the reported figure's samples were never looked at while tuning.
     """
 
     def __init__(self, pairs_dir: str, batch_size: int = 64, pair_batch_size: int = 64,
                  num_classes: int | None = 10, val_size: int = 10000, val_batch_size: int = 500, seed: int = 0,
-                 expect: dict | None = None):
+                 val_seed: int | None = None, expect: dict | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.pairs: PairDataset | None = None
@@ -113,7 +114,7 @@ class DMDDataModule(StreamDataModule):
     def val_batches(self) -> list[dict[str, Tensor]]:
         """Fixed seeded noise and balanced labels; the same for every validation and for `dmd predict`."""
         hp = self.hparams
-        g = torch.Generator().manual_seed(hp.seed + 1)
+        g = torch.Generator().manual_seed(hp.seed + 1 if hp.val_seed is None else hp.val_seed)
         z = torch.randn(hp.val_size, *self.pairs.noise.shape[1:], generator=g)
         out = []
         for start in range(0, hp.val_size, hp.val_batch_size):

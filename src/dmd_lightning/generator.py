@@ -27,21 +27,15 @@ class OneStepGenerator(nn.Module):
             warnings.warn(
                 f"the teacher's x0-prediction at t={self.timestep} multiplies its {denoiser.schedule.prediction_type} "
                 f"error by {gain:.0f} (alpha_t = {1 / gain:.4f}): the one-step initialization will be mostly noise. "
-                "Read the noise at a lower timestep (DMDModule's generator_timestep; 400 gives 2.0 on the linear "
-                "schedule), or use a v-prediction teacher or a schedule with larger alpha_T (scaled_linear).",
+                "Use a v-prediction teacher on a zero-terminal-SNR schedule (Lin et al. 2024; docs/teacher.md) or a "
+                "schedule with larger alpha_T (scaled_linear), or read the noise at a lower `timestep`.",
                 stacklevel=2,
             )
 
     @classmethod
-    def from_teacher(cls, teacher: Denoiser, timestep: int | None = None,
-                     prediction_type: str | None = None) -> "OneStepGenerator":
-        """A trainable copy of the teacher. `prediction_type` reads the copy's output in another
-        parameterization than the teacher's (e.g. "sample": the network's output is the image itself), which
-        keeps a generator from an epsilon teacher well conditioned where alpha_T is tiny (see error_gain)."""
-        denoiser = copy.deepcopy(teacher).requires_grad_(True)
-        if prediction_type is not None:
-            denoiser.schedule = VPSchedule.from_config({**teacher.schedule.config, "prediction_type": prediction_type})
-        return cls(denoiser, timestep)
+    def from_teacher(cls, teacher: Denoiser, timestep: int | None = None) -> "OneStepGenerator":
+        """A trainable copy of the teacher."""
+        return cls(copy.deepcopy(teacher).requires_grad_(True), timestep)
 
     def forward(self, z: Tensor, cond=None) -> Tensor:
         t = torch.full((z.shape[0],), self.timestep, device=z.device, dtype=torch.long)
@@ -51,4 +45,7 @@ class OneStepGenerator(nn.Module):
 def error_gain(schedule: VPSchedule, t: int) -> float:
     """How much an error in the network's output grows in the x0 estimate at timestep t (1 for x0/v at t=T)."""
     alpha, sigma = (float(v) for v in schedule.alpha_sigma(torch.tensor([t])))
-    return {"epsilon": sigma / alpha, "v_prediction": sigma, "sample": 1.0}[schedule.prediction_type]
+    kind = schedule.prediction_type
+    if kind == "epsilon":
+        return sigma / alpha if alpha > 0 else float("inf")
+    return sigma if kind == "v_prediction" else 1.0

@@ -37,10 +37,10 @@ class DMDModule(LightningModule):
     Lightning's `global_step` (and `max_steps`) counts optimizer steps of both networks together: an
     iteration costs 2 steps when the generator updates and 1 when only the fake score does.
 
-    `generator_prediction_type` (default: the teacher's) reads the generator copy's output in another
-    parameterization; see OneStepGenerator.from_teacher. `generator_timestep` (default T-1) is the timestep at
-    which the generator reads pure noise: below T-1 where the teacher's x0-prediction amplifies its error too
-    much there (an epsilon teacher on the linear DDPM schedule; see generator.error_gain).
+    The generator is a copy of the teacher that reads pure noise at the last timestep (DMD Sec. 3.1); a teacher
+    whose x0-prediction is well conditioned there (v-prediction on a zero-terminal-SNR schedule) makes that a
+    good start. The Fashion-MNIST teacher v1 (epsilon, linear schedule) needed workarounds that are gone:
+    docs/teacher.md.
 
     The generator's EMA (`ema_decay`) warms up unless `ema_warmup=False`: update n uses
     min(ema_decay, (1 + n) / (10 + n)), so that a short run's EMA is not mostly the initialization (at 0.995
@@ -92,8 +92,6 @@ class DMDModule(LightningModule):
         ema_decay: float = 0.999,
         ema_warmup: bool = True,
         on_nonfinite: str = "skip",
-        generator_prediction_type: str | None = None,
-        generator_timestep: int | None = None,
         validate_raw: bool = False,
     ):
         super().__init__()
@@ -113,8 +111,7 @@ class DMDModule(LightningModule):
                 stacklevel=2,
             )
         self.teacher = teacher.requires_grad_(False).eval()
-        self.generator = generator if generator is not None else OneStepGenerator.from_teacher(
-            teacher, timestep=generator_timestep, prediction_type=generator_prediction_type)
+        self.generator = generator if generator is not None else OneStepGenerator.from_teacher(teacher)
         self.fake_score = fake_score if fake_score is not None else copy.deepcopy(teacher).requires_grad_(True)
         self.generator.train()  # copies of the (eval-mode) teacher: Lightning keeps submodules' modes
         self.fake_score.train()

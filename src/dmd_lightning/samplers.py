@@ -6,6 +6,7 @@ parameterization it was configured with, so any diffusers scheduler works with a
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch
@@ -31,6 +32,11 @@ def make_scheduler(name: str, config: dict, **overrides):
     cls_name, defaults = SCHEDULERS[name]
     kwargs = {k: v for k, v in {**defaults, **config, **overrides}.items() if v is not None}
     cls = getattr(diffusers, cls_name)
+    if kwargs.get("rescale_betas_zero_snr") and "rescale_betas_zero_snr" not in inspect.signature(cls).parameters:
+        zero_snr = sorted(k for k, (c, _) in SCHEDULERS.items()
+                          if "rescale_betas_zero_snr" in inspect.signature(getattr(diffusers, c)).parameters)
+        raise ValueError(f"sampler {name!r} ({cls_name}) does not take a zero-terminal-SNR schedule; "
+                         f"use one of {zero_snr}")
     return cls.from_config(kwargs)
 
 

@@ -2,6 +2,11 @@
 
 x_t = alpha_t * x_0 + sigma_t * eps, alpha_t = sqrt(alphas_cumprod[t]), sigma_t = sqrt(1 - alphas_cumprod[t])
 (Ho et al. 2020, Eq. 4). Everything else in the package asks this object for alphas and sigmas.
+
+`rescale_betas_zero_snr` shifts and scales the schedule so that alpha_{T-1} = 0 (Lin et al. 2024, "Common
+Diffusion Noise Schedules and Sample Steps are Flawed", Alg. 1): the last timestep is pure noise, which is
+what a one-step generator reads. x_0 is then not identifiable from epsilon at T-1, so such a schedule takes
+v-prediction (or x_0-prediction), and samplers start at T-1 (`timestep_spacing: trailing`, their Sec. 3.3).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 
 def make_betas(beta_schedule: str, num_train_timesteps: int, beta_start: float, beta_end: float) -> Tensor:
@@ -30,6 +36,16 @@ def make_betas(beta_schedule: str, num_train_timesteps: int, beta_start: float, 
         betas = [min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), 0.999) for i in range(T)]
         return torch.tensor(betas, dtype=torch.float64)
     raise ValueError(f"unknown beta_schedule {beta_schedule!r}; expected linear, scaled_linear or squaredcos_cap_v2")
+
+
+def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
+    """Betas whose sqrt(alphas_cumprod) is shifted to end at 0 and scaled to keep its start (Lin et al. 2024, Alg. 1)."""
+    sqrt_ab = torch.cumprod(1 - betas, dim=0).sqrt()
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    sqrt_ab = (sqrt_ab - last) * first / (first - last)
+    ab = sqrt_ab**2
+    alphas = torch.cat([ab[:1], ab[1:] / ab[:-1]])
+    return 1 - alphas
 
 
 def expand_like(v: Tensor, x: Tensor) -> Tensor:
@@ -50,30 +66,45 @@ class VPSchedule(nn.Module):
         beta_start: float = 0.0001,
         beta_end: float = 0.02,
         prediction_type: str = "epsilon",
+        rescale_betas_zero_snr: bool = False,
+        timestep_spacing: str = "leading",
     ):
         super().__init__()
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+        if rescale_betas_zero_snr and prediction_type == "epsilon":
+            raise ValueError("rescale_betas_zero_snr makes alpha_{T-1} = 0, where epsilon-prediction cannot give x_0; "
+                             "use prediction_type v_prediction (Lin et al. 2024) or sample")
+        if timestep_spacing not in TIMESTEP_SPACINGS:
+            raise ValueError(f"unknown timestep_spacing {timestep_spacing!r}; expected one of {TIMESTEP_SPACINGS}")
         self.num_train_timesteps = num_train_timesteps
         self.beta_schedule = beta_schedule
         self.prediction_type = prediction_type
+        self.zero_terminal_snr = rescale_betas_zero_snr
         betas = make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end)
+        if rescale_betas_zero_snr:
+            betas = rescale_zero_terminal_snr(betas)
         alphas_cumprod = torch.cumprod(1 - betas, dim=0)
-        # EDM-style noise level s_t = sigma_t / alpha_t: diffusers interpolates this for fractional t.
         self.register_buffer("alphas_cumprod", alphas_cumprod.float(), persistent=False)
-        self.register_buffer("edm_sigmas", ((1 - alphas_cumprod) / alphas_cumprod).sqrt().float(), persistent=False)
+        # EDM-style noise level s_t = sigma_t / alpha_t, which diffusers interpolates for fractional t; like
+        # diffusers' Euler scheduler, a zero terminal alpha_cumprod counts as 2**-24 there (s = 4096, not inf).
+        ac = alphas_cumprod.clamp(min=2**-24)
+        self.register_buffer("edm_sigmas", ((1 - ac) / ac).sqrt().float(), persistent=False)
         self.config = dict(
             num_train_timesteps=num_train_timesteps,
             beta_schedule=beta_schedule,
             beta_start=beta_start,
             beta_end=beta_end,
             prediction_type=prediction_type,
+            rescale_betas_zero_snr=rescale_betas_zero_snr,
+            timestep_spacing=timestep_spacing,
         )
 
     @classmethod
     def from_config(cls, config: dict) -> "VPSchedule":
         """Build from a diffusers scheduler config (any scheduler class; extra keys are ignored)."""
-        keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type")
+        keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type",
+                "rescale_betas_zero_snr", "timestep_spacing")
         return cls(**{k: config[k] for k in keys if k in config})
 
     @classmethod
@@ -95,10 +126,10 @@ class VPSchedule(nn.Module):
             lo = t.floor().long().clamp(max=self.T - 2)
             frac = t - lo
             s = self.edm_sigmas[lo] * (1 - frac) + self.edm_sigmas[lo + 1] * frac
-        else:
-            s = self.edm_sigmas[t.long()]
-        alpha = (1 + s**2).rsqrt()
-        return alpha, s * alpha
+            alpha = (1 + s**2).rsqrt()
+            return alpha, s * alpha
+        ac = self.alphas_cumprod[t.long()]
+        return ac.sqrt(), (1 - ac).sqrt()
 
     def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         """Forward process q(x_t | x_0)."""

@@ -76,3 +76,33 @@ def test_from_pretrained_reads_a_diffusers_scheduler_folder(tmp_path):
                   prediction_type="v_prediction").save_pretrained(tmp_path / "scheduler")
     s = VPSchedule.from_pretrained(tmp_path)
     assert s.prediction_type == "v_prediction" and s.beta_schedule == "scaled_linear"
+
+
+def test_zero_terminal_snr_matches_diffusers_and_ends_in_pure_noise():
+    from diffusers import DDIMScheduler
+
+    ref = DDIMScheduler(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing")
+    s = VPSchedule(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    torch.testing.assert_close(s.alphas_cumprod, ref.alphas_cumprod.float(), rtol=1e-4, atol=1e-6)
+    alpha, sigma = s.alpha_sigma(torch.tensor([0, s.T - 1]))
+    assert float(alpha[1]) == 0.0 and float(sigma[1]) == 1.0
+    assert float(alpha[0]) == pytest.approx(float(VPSchedule().alpha_sigma(torch.tensor([0]))[0]), rel=1e-6)
+    x0, eps = torch.randn(2, 4), torch.randn(2, 4)
+    t = torch.tensor([s.T - 1, s.T - 1])
+    x_t = s.add_noise(x0, eps, t)
+    torch.testing.assert_close(x_t, eps)  # x_{T-1} is the noise itself
+    torch.testing.assert_close(s.to_x0(s.from_x0(x0, x_t, t), x_t, t), x0)  # v-prediction: x0 = -v there
+    assert s.config["rescale_betas_zero_snr"] and VPSchedule.from_config(s.config).zero_terminal_snr
+
+
+def test_zero_terminal_snr_refuses_epsilon_prediction_and_samplers_that_ignore_it():
+    from dmd_lightning.samplers import make_scheduler
+
+    with pytest.raises(ValueError, match="v_prediction"):
+        VPSchedule(rescale_betas_zero_snr=True)
+    s = VPSchedule(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    with pytest.raises(ValueError, match="zero-terminal-SNR"):
+        make_scheduler("pndm", s.config)
+    scheduler = make_scheduler("ddim", s.config)
+    scheduler.set_timesteps(50)
+    assert int(scheduler.timesteps[0]) == s.T - 1  # trailing spacing starts at the pure-noise step

@@ -116,8 +116,7 @@ class ExportTeacher(Callback):
     provenance: the run's config.yaml (as LightningCLI saved it, overrides included) and provenance.json
     (steps, epochs, batch, precision, wall time summed over resumed runs, hardware, versions, commit).
 
-    The commit is `git rev-parse HEAD` (with `-dirty` for local changes), or $DMD_GIT_COMMIT where the code
-    runs outside a git checkout."""
+    The commit is $DMD_GIT_COMMIT where set, else `git rev-parse HEAD` (with `-dirty` for local changes)."""
 
     def __init__(self, folder: str = "weights/fmnist-teacher", every_n_steps: int = 1000):
         self.folder, self.every_n_steps = folder, every_n_steps
@@ -173,7 +172,10 @@ def _versions(*names: str) -> dict:
 
 
 def git_commit() -> str | None:
-    """HEAD of the checkout this code runs from (suffix -dirty with local changes), else $DMD_GIT_COMMIT."""
+    """$DMD_GIT_COMMIT where set (a copy of the tree on another machine may carry stale git metadata), else
+    HEAD of the checkout this code runs from (suffix -dirty with local changes)."""
+    if os.environ.get("DMD_GIT_COMMIT"):
+        return os.environ["DMD_GIT_COMMIT"]
     root = Path(__file__).resolve().parents[2]
     try:
         head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -182,7 +184,7 @@ def git_commit() -> str | None:
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return head + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("DMD_GIT_COMMIT")
+        return None
 
 
 class FashionMNISTDataModule(LightningDataModule):

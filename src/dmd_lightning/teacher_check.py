@@ -7,7 +7,7 @@ x_0 estimates are worse than a trivial denoiser's, or leave the data range, hand
 
 1. x_0 MSE of D(x_t, t, label) (conditional, no guidance) on the first `num_images` Fashion-MNIST test images,
    x_t = alpha_t x_0 + sigma_t eps with seeded eps, beside that of the per-pixel linear (Wiener) denoiser fitted on
-   the train set: the best denoiser that ignores correlations between pixels, so a floor any network must beat.
+   the train set: the best affine map of each pixel on its own, so a bar that any network must clear.
 2. The share of x_0-estimate pixels outside [-1.05, 1.05], per t and overall (same images and noise): the posterior
    mean of data in [-1, 1] lies in [-1, 1], so an exact denoiser never leaves it.
 3. `num_samples` samples of the teacher's deterministic sampler (guidance 1, labels i % 10, seeded noise): pixels

@@ -6,9 +6,14 @@
 #   results.tar.gz (logs, JSON, TensorBoard events, grid), run.log; if the teacher's schedule did not fit in the
 #   time, teacher_ckpt.tar.part-* instead: rerun with RESUME=<folder with those parts> to continue it.
 # Needs the wheels in .whl and the idx files in .data/fashion-mnist (see ../shared/device/README.md).
-# CPU smoke test: ACCEL=cpu TINY=1 OUT=/tmp/o bash scripts/gpu_fmnist.sh
+# CPU smoke test: ACCEL=cpu TINY=1 OUT=/tmp/o bash scripts/fmnist_results.sh
+# With TEACHER=<diffusers folder> it skips the teacher and its check (the README's CPU runs:
+#   ACCEL=cpu TEACHER=weights/fmnist-teacher N_PAIRS=1000 ITERATIONS=400 VARIANT_THREADS=1 OMP_NUM_THREADS=2
+#   DMD_ARGS="--data.init_args.val_size 1000 --data.init_args.batch_size 32 --data.init_args.pair_batch_size 32
+#   --trainer.precision 32-true --model.init_args.validate_raw false" WORK=runs/cpu_v2 OUT=runs/cpu_v2/out).
 set -u
-: "${ACCEL:=gpu}" "${TINY:=0}" "${WORK:=/tmp/gpu}" "${OUT:?}" "${DEADLINE_S:=570}" "${RESUME:=}"
+: "${ACCEL:=gpu}" "${TINY:=0}" "${WORK:=/tmp/gpu}" "${OUT:?}" "${DEADLINE_S:=570}" "${RESUME:=}" "${TEACHER:=}"
+: "${N_PAIRS:=10000}" "${ITERATIONS:=600}" "${DMD_ARGS:=}"
 t0=$(date +%s)
 left() { echo $((DEADLINE_S - ($(date +%s) - t0))); }
 hms() { printf "00:%02d:%02d:%02d" $(($1 / 3600)) $(($1 % 3600 / 60)) $(($1 % 60)); }
@@ -18,12 +23,11 @@ if [ "$ACCEL" = gpu ]; then
   mkdir -p /usr/share/datasets && ln -sfn "$PWD/.data/fashion-mnist" /usr/share/datasets/fashion-mnist
   nvidia-smi -L
 fi
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4 TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 DMD_GIT_COMMIT="${DMD_GIT_COMMIT:-unknown}"
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 DMD_GIT_COMMIT="${DMD_GIT_COMMIT:-unknown}"
 mkdir -p "$WORK" "$OUT"
 log() { echo "== $(date +%T) [$(($(date +%s) - t0)) s] $*" | tee -a "$OUT/run.log"; }
 DATA=.data/fashion-mnist
 T=(); C=(--num-images 1000 --num-samples 10000 --steps 50); P=(); D=(--data.init_args.val_size 10000)
-N_PAIRS=10000
 if [ "$TINY" = 1 ]; then
   T=(--trainer.max_steps 4 --data.init_args.batch_size 16 --data.init_args.num_workers 0 --trainer.precision 32-true
      --model.init_args.compile false --model.init_args.block_out_channels "[16,16,32]" --model.init_args.warmup_steps 1)
@@ -32,6 +36,8 @@ if [ "$TINY" = 1 ]; then
      --trainer.max_steps 8 --trainer.val_check_interval 2 --trainer.precision 32-true)
 fi
 
+GIVEN_TEACHER=$TEACHER
+if [ -z "$TEACHER" ]; then
 # 1. teacher v2 -------------------------------------------------------------------------------------------------
 teacher_fit() {  # extra args; the export and the checkpoints land under $WORK
   timeout $(($(left) - 150)) python3 -m dmd_lightning.cli fit --config configs/fmnist_teacher.yaml \
@@ -77,6 +83,7 @@ TEACHER="$WORK/fmnist-teacher"
 log "teacher check (v2)"
 python3 -m dmd_lightning.teacher_check --teacher "$TEACHER" --data-root "$DATA" "${C[@]}" \
   --out "$WORK/check_v2.json" > "$WORK/check_v2.log" 2>&1; tail -25 "$WORK/check_v2.log" | tee -a "$OUT/run.log"
+fi
 log "pairs: $N_PAIRS"
 python3 -m dmd_lightning.cli pairs --config configs/fmnist_pairs.yaml --trainer.accelerator "$ACCEL" \
   --trainer.enable_progress_bar false --trainer.default_root_dir "$WORK/pairs" --data.init_args.out_dir "$WORK/pairs" \
@@ -88,18 +95,18 @@ log "teacher FID on its pairs (fills the FID reference cache before the runs sha
 python3 scripts/fmnist_summary.py teacher "$WORK/pairs" "$WORK/teacher_pairs.json" 2>&1 | grep TEACHER | tee -a "$OUT/run.log"
 
 # 3. DMD: four runs side by side ----------------------------------------------------------------------------------
-budget=$(($(left) - 75))
+budget=$(($(left) - 75)); [ -n "$GIVEN_TEACHER" ] && [ "$ACCEL" = cpu ] && budget=86399  # CPU: the iterations decide
 log "DMD: four runs side by side, $budget s each at most"
 variant() {
   local name=$1; shift
-  python3 scripts/fmnist_variant.py "$WORK/runs/$name" "$WORK/pairs" "$(hms $budget)" --trainer.accelerator "$ACCEL" \
-    --model.init_args.teacher.init_args.path "$TEACHER" "${D[@]}" "$@" \
+  OMP_NUM_THREADS=${VARIANT_THREADS:-$OMP_NUM_THREADS} python3 scripts/fmnist_variant.py "$WORK/runs/$name" "$WORK/pairs" "$(hms $budget)" --trainer.accelerator "$ACCEL" \
+    --model.init_args.teacher.init_args.path "$TEACHER" --trainer.max_steps $((2 * ITERATIONS)) "${D[@]}" $DMD_ARGS "$@" \
     > "$WORK/$name.log" 2>&1 &
 }
 variant full_s0
 variant full_s1 --seed_everything 1 --data.init_args.seed 1
 variant no_regression --model.init_args.regression_loss null
-variant regression_only --model.init_args.dm_weight 0 --trainer.max_steps $([ "$TINY" = 1 ] && echo 4 || echo 600)
+variant regression_only --model.init_args.dm_weight 0 --trainer.max_steps $([ "$TINY" = 1 ] && echo 4 || echo "$ITERATIONS")
 wait
 names=(full_s0 full_s1 regression_only no_regression)
 grep -h RESULT "$WORK"/*.log | tee -a "$OUT/run.log"

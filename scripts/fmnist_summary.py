@@ -3,6 +3,9 @@
 python scripts/fmnist_summary.py teacher PAIRS_DIR OUT_JSON        FID/KID of the pairs' teacher images
 python scripts/fmnist_summary.py grid PAIRS_DIR OUT_PNG RUN_DIR...  rows: teacher (the pairs' sampler), then each
                                                                    run's EMA generator; same seeds and labels
+python scripts/fmnist_summary.py table WORK                        markdown: the runs of scripts/fmnist_results.sh
+                                                                   (WORK/runs/*/result.json, the FID curve from
+                                                                   their TensorBoard events) beside the teacher
 """
 
 from __future__ import annotations
@@ -58,5 +61,39 @@ def grid(pairs_dir: str, out_png: str, *run_dirs: str) -> None:
     save_image(images, out_png, nrow=n, padding=2, pad_value=1.0)
 
 
+def fid_curve(run_dir: Path) -> list[tuple[int, float]]:
+    """(iteration, EMA val/fid) of every validation during training, from the run's TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    curve = {}
+    for f in sorted(run_dir.glob("version_*/events.out.tfevents*")):
+        ea = EventAccumulator(str(f))
+        ea.Reload()
+        tags = ea.Tags()["scalars"]
+        if "val/fid" in tags and "train/iteration" in tags:
+            its = ea.Scalars("train/iteration")
+            for e in ea.Scalars("val/fid"):  # val/fid is logged at a global step; the iteration logged nearest it
+                curve[int(min(its, key=lambda i: abs(i.step - e.step)).value)] = round(e.value, 2)
+    return sorted(curve.items())
+
+
+def table(work: str) -> str:
+    work = Path(work)
+    t = json.loads((work / "teacher_pairs.json").read_text())
+    lines = [f"| model | iterations | FID (report seeds) | KID | FID (validation seeds) | / teacher | EMA FID every 100 iterations |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+             f"| teacher, {t['sampler']} {t['num_steps']} steps (its pairs) | | {t['fid']:.2f} | {t['kid']:.4f} | | 1.00 | |"]
+    for run in sorted((work / "runs").iterdir()):
+        if not (run / "result.json").is_file():
+            continue
+        r = json.loads((run / "result.json").read_text())
+        curve = ", ".join(f"{v:g}" for _, v in fid_curve(run))
+        lines.append(f"| {run.name} | {r['iterations']} | {r['test/fid']:.2f} | {r['test/kid']:.4f} | {r['val/fid']:.2f} "
+                     f"| {r['test/fid'] / t['fid']:.2f} | {curve} |")
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
 if __name__ == "__main__":
-    {"teacher": teacher, "grid": grid}[sys.argv[1]](*sys.argv[2:])
+    {"teacher": teacher, "grid": grid, "table": table}[sys.argv[1]](*sys.argv[2:])

@@ -1,4 +1,4 @@
-"""The teacher's FID from its pairs, and the grid and table of the variants of scripts/gpu_results.sh.
+"""The teacher's FID from its pairs, and the grid and table of the variants of scripts/fmnist_results.sh.
 
 python scripts/fmnist_summary.py teacher PAIRS_DIR OUT_JSON        FID/KID of the pairs' teacher images
 python scripts/fmnist_summary.py grid PAIRS_DIR OUT_PNG RUN_DIR...  rows: teacher (the pairs' sampler), then each

@@ -7,7 +7,7 @@ manifest) for the config's iterations (or MAX_TIME, whichever ends first), then 
 path of `dmd validate`) on the validation seeds (val_seed 1: `val/...`) and on the report seeds (val_seed 2:
 `test/...`, never looked at while choosing settings). Writes OUT/result.json, the EMA generator's UNet as a
 diffusers folder in float16 (OUT/student) and its first validation samples (OUT/samples.pt, uint8).
-scripts/gpu_fmnist.sh runs several of these side by side on one GPU.
+scripts/fmnist_results.sh runs several of these side by side.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dmd_lightning.checkpoint import ModelCheckpoint, ShardedCheckpointIO, load_sharded, save_sharded
 from dmd_lightning.cli import cli
+from dmd_lightning.errors import CheckpointError
 
 
 def test_last_checkpoint_holds_the_final_step_between_periodic_saves(tmp_path):
@@ -111,6 +112,8 @@ def test_missing_or_corrupt_shards_are_named(tmp_path):
         load_sharded(tmp_path / "c.ckpt")
     shard.unlink()
     with pytest.raises(FileNotFoundError, match="tensors-00001.safetensors is missing"):
+        load_sharded(tmp_path / "c.ckpt")
+    with pytest.raises(CheckpointError, match="tensors-00001.safetensors is missing"):  # one line from `dmd`
         ShardedCheckpointIO().load_checkpoint(tmp_path / "c.ckpt")
 
 
@@ -134,7 +137,7 @@ def test_single_file_checkpoints_still_load_and_only_without_pickled_code(tmp_pa
     torch.save({"hparams": argparse.Namespace(lr=1)}, tmp_path / "pickled.ckpt")
     with pytest.raises(Exception, match="weights_only"):
         io.load_checkpoint(tmp_path / "pickled.ckpt", weights_only=False)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(CheckpointError, match="none.ckpt' does not exist"):
         io.load_checkpoint(tmp_path / "none.ckpt")
 
 

@@ -1,8 +1,11 @@
-"""Bad input ends in one clear line: `error: ...` from the `dmd` command, or the project's own exception."""
+"""Bad input ends in one clear line: `error: ...` from the `dmd` command (exit code 2), or the project's own
+exception. USER_ERRORS is the table of the README's claim: every case one line, naming the key or file."""
 
+import logging
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ from test_module import fit, toy_module
 from lightning import Callback, Trainer
 
 from dmd_lightning import DMDModule, UNetDenoiser
+from dmd_lightning.cli import main
 from dmd_lightning.data import DMDDataModule
 from dmd_lightning.fmnist import DataNotFoundError, load_fashion_mnist
 from dmd_lightning.module import NonFiniteError, ShapeMismatchError, check_sample_shape
@@ -124,3 +128,119 @@ def test_every_load_is_safe():
         if re.search(r"^\s*import pickle|pickle\.loads?\(", text, re.M):
             unsafe.append(f"{path.name}: pickle")
     assert not unsafe, unsafe
+
+
+TOY, FMNIST, PAIRS, TEACHER = "configs/toy2d.yaml", "configs/fmnist.yaml", "configs/fmnist_pairs.yaml", \
+    "configs/fmnist_teacher.yaml"
+M, D = "--model.init_args.", "--data.init_args."
+
+# (name, arguments after the subcommand's config ({tmp} is a fresh folder), words the one line must contain)
+USER_ERRORS = [
+    ("t_range above 1", [TOY, M + "t_range", "[0.5, 1.2]"], ["t_range", "0 <= low < high <= 1"]),
+    ("t_range reversed", [TOY, M + "t_range", "[0.9, 0.1]"], ["t_range"]),
+    ("fake_t_range below 0", [TOY, M + "fake_t_range", "[-0.1, 1.0]"], ["fake_t_range"]),
+    ("negative guidance", [TOY, M + "guidance_scale", "-1"], ["guidance_scale=-1"]),
+    ("negative regression weight", [TOY, M + "regression_weight", "-0.5"], ["regression_weight=-0.5"]),
+    ("EMA decay above 1", [TOY, M + "ema_decay", "1.5"], ["ema_decay=1.5"]),
+    ("no fake updates", [TOY, M + "fake_updates_per_generator_update", "0"], ["fake_updates_per_generator_update=0"]),
+    ("unknown lr decay", [TOY, M + "lr_decay", "linear"], ["lr_decay='linear'", "'cosine'"]),
+    ("zero learning rate", [TOY, M + "generator_lr", "0"], ["generator_lr=0"]),
+    ("negative warm-up", [TOY, M + "warmup_steps", "-1"], ["warmup_steps=-1"]),
+    ("min lr ratio above 1", [TOY, M + "min_lr_ratio", "2"], ["min_lr_ratio=2"]),
+    ("unknown non-finite policy", [TOY, M + "on_nonfinite", "ignore"], ["on_nonfinite='ignore'"]),
+    ("zero batch", [TOY, D + "batch_size", "0"], ["batch_size=0"]),
+    ("negative pair batch", [TOY, D + "pair_batch_size", "-4"], ["pair_batch_size=-4"]),
+    ("no pairs", [TOY, D + "num_pairs", "0"], ["num_pairs=0"]),
+    ("no validation samples", [TOY, D + "val_size", "0"], ["val_size=0"]),
+    ("unknown key", [TOY, M + "learning_rate", "1e-4"], ["learning_rate"]),
+    ("missing checkpoint", [TOY, "--ckpt_path", "{tmp}/none.ckpt"], ["--ckpt_path", "none.ckpt"]),
+    ("checkpoint that is no checkpoint", [TOY, "--ckpt_path", "{tmp}/notes.txt"], ["notes.txt", "dmd fit"]),
+    ("checkpoint of another model", [TOY, "--ckpt_path", "{tmp}/other.ckpt"], ["not of this model"]),
+    ("output folder under a file", [TOY, "--trainer.default_root_dir", "{tmp}/notes.txt/run",
+                                    "--trainer.logger.init_args.save_dir", "{tmp}/notes.txt/run"], ["notes.txt"]),
+    ("all updates non-finite", [TOY, M + "generator_lr", "1e30", M + "fake_lr", "1e30", M + "gradient_clip", "1e30",
+                                "--trainer.max_steps", "200", "--trainer.logger", "false",
+                                "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", "{tmp}",
+                                D + "num_pairs", "64", D + "sampler_steps", "4"], ["max_consecutive_skips"]),
+    ("missing pairs", [FMNIST, D + "pairs_dir", "{tmp}/no-pairs"], ["no-pairs", "dmd pairs"]),
+    ("labels beyond the teacher's classes", [FMNIST, D + "pairs_dir", "{tmp}/pairs", D + "num_classes", "11",
+                                             D + "expect", "null"], ["num_classes=11", "null label"]),
+    ("pairs of another sampler", [FMNIST, D + "pairs_dir", "{tmp}/pairs", D + "expect.num_steps", "25"],
+     ["num_steps"]),
+    ("missing teacher", [FMNIST, M + "teacher.init_args.path", "{tmp}/no-teacher"], ["no-teacher"]),
+    ("teacher: unknown lr decay", [TEACHER, M + "lr_decay", "step"], ["lr_decay='step'"]),
+    ("teacher: zero batch", [TEACHER, D + "batch_size", "0"], ["batch_size=0"]),
+]
+
+
+def one_toy_checkpoint(folder: Path) -> None:
+    """A checkpoint whose weights belong to no model here, and a text file."""
+    (folder / "notes.txt").write_text("not a checkpoint")
+    torch.save({"state_dict": {"generator.w": torch.ones(3)}, "pytorch-lightning_version": "2.6.0",
+                "global_step": 0, "epoch": 0, "loops": {}}, folder / "other.ckpt")
+
+
+def teacher_pairs(folder: Path) -> None:
+    """Two pairs in the layout `dmd pairs` writes for configs/fmnist_pairs.yaml."""
+    folder.mkdir()
+    settings = {"teacher": "weights/fmnist-teacher", "sampler": "ddim", "num_steps": 50, "guidance_scale": 1.0}
+    write_shard(folder / "shard-00000.safetensors", {"index": torch.arange(2), "noise": torch.randn(2, 1, 32, 32),
+                                                     "x": torch.randn(2, 1, 32, 32), "cond": torch.arange(2)}, settings)
+    write_manifest(folder, {"num_pairs": 2, "shard_size": 2, "num_shards": 1, "noise_shape": [1, 32, 32],
+                            "num_classes": 10, "seed": 0, "dtype": "float32", **settings})
+
+
+def run_main(args: list[str], capsys) -> tuple[int, list[str]]:
+    """`dmd ARGS` in this process: its exit code and its non-empty stderr lines (Lightning's seed line left out).
+    Library loggers keep the stderr of the test that created their handler, closed since: they get this one."""
+    loggers = [logging.getLogger()] + [v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger)]
+    for handler in (h for lg in loggers for h in lg.handlers if type(h) is logging.StreamHandler):
+        handler.stream = sys.stderr  # not setStream: it would flush the closed one
+        handler.__dict__.pop("flush", None)  # diffusers and transformers bind flush to the stderr of their import
+    with pytest.raises(SystemExit) as exit:
+        main(args)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not any(
+        n in line for n in LIBRARY_CHATTER) and line.strip("`. ") != ""]
+    return exit.value.code, lines
+
+
+# What Lightning and diffusers print on every run, errors or not (their INFO lines and the `accelerate` hint)
+LIBRARY_CHATTER = ("Seed set to", "GPU available", "TPU available", "💡 Tip", "Restoring states from",
+                   "accelerate", "litlogger", "modules in eval mode", "Automatic Mixed Precision")
+
+
+@pytest.mark.parametrize("name, args, words", USER_ERRORS, ids=[c[0] for c in USER_ERRORS])
+def test_user_errors_are_one_line_naming_the_key(name, args, words, tmp_path, capsys, monkeypatch):
+    one_toy_checkpoint(tmp_path)
+    teacher_pairs(tmp_path / "pairs")
+    monkeypatch.chdir(ROOT)
+    config, *rest = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    rest = rest if "--trainer.default_root_dir" in rest else [*rest, "--trainer.default_root_dir", str(tmp_path)]
+    code, lines = run_main(["fit", "--config", config, *rest], capsys)
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), "\n".join(lines)
+    assert all(w in lines[0] for w in words), lines[0]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["pairs", "--config", PAIRS, D + "num_pairs", "0"], ["num_pairs=0"]),
+    (["pairs", "--config", PAIRS, D + "noise_shape", "[1, 28, 28]"], ["(1, 28, 28)", "(1, 32, 32)"]),
+    (["validate", "--config", TOY, "--ckpt_path", "last"], ["--ckpt_path last", "no last.ckpt"]),
+    (["export", "--config", FMNIST, "--ckpt_path", "{tmp}/notes.txt"], ["notes.txt"]),
+    (["export", "--config", FMNIST], ["pixel-space"]),
+], ids=["pairs: no pairs", "pairs: shape the teacher cannot take", "validate: no last checkpoint",
+        "export: not a checkpoint", "export: pixel model"])
+def test_other_subcommands_user_errors_are_one_line(args, words, tmp_path, capsys, monkeypatch):
+    one_toy_checkpoint(tmp_path)
+    monkeypatch.chdir(ROOT)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    code, lines = run_main([*args, "--trainer.default_root_dir", str(tmp_path)], capsys)
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), "\n".join(lines)
+    assert all(w in lines[0] for w in words), lines[0]
+
+
+def test_validate_without_a_checkpoint_warns_in_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    main(["validate", "--config", TOY, "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
+          "--trainer.enable_progress_bar", "false", D + "num_pairs", "8", D + "val_size", "64"])
+    err = capsys.readouterr().err
+    assert "warning: `dmd validate` without --ckpt_path uses the untrained generator" in err

@@ -12,11 +12,13 @@ import torch
 from conftest import tiny_unet
 from diffusers import DDPMScheduler
 from lightning import Callback
+from safetensors.torch import load_file, save_file
 
-from dmd_lightning import PretrainedUNetDenoiser, VPSchedule
+from dmd_lightning import PretrainedUNetDenoiser, UNetDenoiser, VPSchedule
 from dmd_lightning.cli import DMDTrainer
-from dmd_lightning.pair_data import PairDataset, PairsError, item_noise, shard_name
-from dmd_lightning.pairs import PairGenerationDataModule, PairGenerator
+from dmd_lightning.module import ShapeMismatchError
+from dmd_lightning.pair_data import MANIFEST, PairDataset, PairsError, item_noise, shard_name
+from dmd_lightning.pairs import PairGenerationDataModule, PairGenerator, PairWriter
 from dmd_lightning.samplers import make_scheduler, sample_ode
 from dmd_lightning.toy2d import GaussianMixtureDenoiser
 
@@ -99,6 +101,50 @@ def test_truncated_shard_is_named_and_regenerated(tmp_path):
         PairDataset(tmp_path)
     generate(tmp_path)
     assert torch.equal(PairDataset(tmp_path).x[:], first)
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_corrupt_or_unchecksummed_shards_are_refused_and_regenerated(tmp_path, capsys):
+    generate(tmp_path)
+    first = PairDataset(tmp_path).x[:]
+    flip_byte(tmp_path / shard_name(1), -1)  # the last byte of x's data
+    with pytest.raises(PairsError, match=f"{shard_name(1)}: checksum mismatch in 'x'; rerun `dmd pairs`"):
+        PairDataset(tmp_path)
+    old = load_file(str(tmp_path / shard_name(2)))  # as written before checksums existed
+    save_file(old, str(tmp_path / shard_name(2)), metadata={"settings": '{"teacher": "GaussianMixtureDenoiser"}'})
+    capsys.readouterr()
+    generate(tmp_path)
+    assert [line for line in capsys.readouterr().out.splitlines() if "regenerating" in line] == [
+        f"{shard_name(1)}: checksum mismatch in 'x'; regenerating",
+        f"{shard_name(2)}: no checksums (written by an older version of dmd_lightning); regenerating"]
+    assert torch.equal(PairDataset(tmp_path).x[:], first)
+    flip_byte(tmp_path / shard_name(0), 20)  # in the header
+    with pytest.raises(PairsError, match=f"{shard_name(0)}: .*rerun `dmd pairs`"):
+        PairDataset(tmp_path)
+
+
+def test_stale_temporary_files_of_live_writers_are_kept(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    tmp = {who: tmp_path / f".{shard_name(s)}.tmp-{pid}" for who, s, pid in [
+        ("dead", 0, dead.pid), ("self", 2, os.getpid()), ("live", 4, os.getppid()), ("other rank", 1, dead.pid)]}
+    for path in tmp.values():
+        path.write_bytes(b"partial")
+    PairWriter(str(tmp_path)).remove_stale_files(rank=0, world=2)
+    assert {who for who, path in tmp.items() if path.exists()} == {"live", "other rank"}
+
+
+def test_a_noise_shape_the_teacher_cannot_take_is_refused_before_sampling(tmp_path):
+    unet, schedule = tiny_unet(num_classes=None)  # 1 x 16 x 16
+    model = PairGenerator(UNetDenoiser(unet, schedule), num_steps=2)
+    with pytest.raises(ShapeMismatchError, match=r"\(1, 28, 28\) but the teacher UNet2DModel takes"):
+        generate(tmp_path / "pairs", model=model, noise_shape=[1, 28, 28])
+    assert not (tmp_path / "pairs" / MANIFEST).exists()
 
 
 def test_missing_shard_and_missing_folder_are_errors(tmp_path):

@@ -1,4 +1,5 @@
-"""`dmd fit` killed with SIGKILL and resumed from its last checkpoint continues the uninterrupted run's losses."""
+"""`dmd fit` killed (SIGKILL) or stopped (SIGTERM, in a training step or a validation) and resumed with
+`--ckpt_path last`, without a pinned checkpoint folder, continues the uninterrupted run's losses."""
 
 import csv
 import os
@@ -13,20 +14,32 @@ ROOT = Path(__file__).parents[1]
 LOSSES = ("generator/loss_dm", "generator/loss_regression", "fake_score/loss_denoising")
 
 
-class SIGKILLAt(Callback):
-    """Kills its own process, as a crash or a pre-empted job would, before the step `step`."""
+class SignalAt(Callback):
+    """Sends its own process `signum` (9: a crash or a killed job; 15: a cluster's pre-emption notice) once,
+    at the start of the training step `step` or, with in_validation, in the first validation after it."""
 
-    def __init__(self, step: int):
-        self.step = step
+    def __init__(self, step: int, signum: int, in_validation: bool = False):
+        self.step, self.signum, self.in_validation, self.sent = step, signum, in_validation, False
+
+    def send(self, trainer):
+        if trainer.global_step >= self.step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step >= self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
+        if not self.in_validation:
+            self.send(trainer)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if self.in_validation:
+            self.send(trainer)
 
 
-def dmd_fit(run: Path, max_steps: int, kill_at: int | None = None, resume: bool = False):
+def dmd_fit(run: Path, max_steps: int, kill_at: int | None = None, resume: bool = False,
+            signum: int = signal.SIGKILL, in_validation: bool = False):
     """The toy config, shrunk: checkpoints every 4 steps, validation every 3 iterations, losses to a CSV."""
-    kill = f"  - {{class_path: test_resume.SIGKILLAt, init_args: {{step: {kill_at}}}}}" if kill_at else ""
+    kill = (f"  - {{class_path: test_resume.SignalAt, init_args: {{step: {kill_at}, signum: {int(signum)}, "
+            f"in_validation: {str(in_validation).lower()}}}}}") if kill_at else ""
     override = run / f"override-{'resume' if resume else 'first'}.yaml"
     override.write_text(f"""
 trainer:
@@ -36,8 +49,8 @@ trainer:
   enable_progress_bar: false
   default_root_dir: {run}
   callbacks:
-  - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-    init_args: {{dirpath: {run / 'checkpoints'}, save_last: true, every_n_train_steps: 4}}
+  - class_path: dmd_lightning.checkpoint.ModelCheckpoint
+    init_args: {{save_last: true, every_n_train_steps: 4}}
 {kill}
   logger:
     class_path: lightning.pytorch.loggers.CSVLogger
@@ -65,20 +78,56 @@ def losses(run: Path) -> dict[int, dict[str, float]]:
     return out
 
 
-def test_sigkilled_fit_resumes_on_the_uninterrupted_trajectory(tmp_path):
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    whole.mkdir(), killed.mkdir()
+def last_checkpoint(run: Path) -> dict:
+    (path,) = run.glob("csv/version_*/checkpoints/last.ckpt")
+    return torch.load(path, weights_only=True)
+
+
+def assert_resumed_exactly(whole: Path, killed: Path, first: int):
+    expected, resumed = losses(whole), losses(killed)
+    assert sorted(expected) == list(range(8)) and sorted(resumed) == list(range(8))
+    for step in range(first, 8):
+        for k in LOSSES:
+            torch.testing.assert_close(resumed[step][k], expected[step][k], rtol=1e-6, atol=0, msg=f"{k} at {step}")
+
+
+def test_killed_or_stopped_fits_resume_on_the_uninterrupted_trajectory(tmp_path):
+    whole = tmp_path / "whole"
+    whole.mkdir()
     out = dmd_fit(whole, max_steps=16)
     assert out.returncode == 0, out.stderr[-2000:]
+
+    killed = tmp_path / "killed"  # SIGKILL: the work since the last periodic checkpoint is lost
+    killed.mkdir()
     out = dmd_fit(killed, max_steps=16, kill_at=10)
     assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
-    ckpt = torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)
+    ckpt = last_checkpoint(killed)
     assert ckpt["global_step"] == 8 and ckpt["dmd_iteration"] == 4
     assert max(losses(killed)) == 4  # steps 5.. (logger steps count iterations) were lost with the process
     out = dmd_fit(killed, max_steps=16, resume=True)
     assert out.returncode == 0, out.stderr[-2000:]
-    expected, resumed = losses(whole), losses(killed)
-    assert sorted(expected) == list(range(8)) and sorted(resumed) == list(range(8))
-    for step in range(4, 8):
-        for k in LOSSES:
-            torch.testing.assert_close(resumed[step][k], expected[step][k], rtol=1e-6, atol=0, msg=f"{k} at {step}")
+    assert "resuming from " + str(killed / "csv" / "version_0" / "checkpoints" / "last.ckpt") in out.stderr
+    assert_resumed_exactly(whole, killed, 4)
+    assert not [p for p in killed.rglob(".*") if "tmp" in p.name]  # no stray temporaries
+
+    for name, in_validation in (("stopped", False), ("stopped_in_validation", True)):
+        stopped = tmp_path / name  # SIGTERM: the step (or validation) in progress ends, is saved, exit 143
+        stopped.mkdir()
+        out = dmd_fit(stopped, max_steps=16, kill_at=10 if not in_validation else 2, signum=signal.SIGTERM,
+                      in_validation=in_validation)
+        assert out.returncode == 128 + signal.SIGTERM, out.stderr[-2000:]
+        ckpt = last_checkpoint(stopped)
+        iteration = 6 if not in_validation else 3  # the step begun at global step 10; the validation at 3
+        assert ckpt["dmd_iteration"] == iteration and ckpt["global_step"] == 2 * iteration, name
+        assert out.stderr.strip().splitlines()[-1] == (
+            f"stopped by SIGTERM at global step {2 * iteration}; saved "
+            f"{stopped / 'csv' / 'version_0' / 'checkpoints' / 'last.ckpt'}; resume with --ckpt_path last")
+        out = dmd_fit(stopped, max_steps=16, resume=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert_resumed_exactly(whole, stopped, iteration)
+
+
+def test_ckpt_path_last_without_an_earlier_run_starts_from_scratch_and_says_so(tmp_path):
+    out = dmd_fit(tmp_path, max_steps=2, resume=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "--ckpt_path last: no earlier checkpoint of this config; starting from scratch" in out.stderr

@@ -1,4 +1,4 @@
-"""Checkpoints for DMD runs: when `last.ckpt` is written, and how a checkpoint is stored.
+"""Checkpoints for DMD runs: when `last.ckpt` is written, where `--ckpt_path last` finds it, how it is stored.
 
 `ModelCheckpoint` is Lightning's, with `last.ckpt` written when training ends as well. Lightning's own writes
 `last.ckpt` only with the periodic saves (`every_n_train_steps`): a run whose max_steps or max_time falls between
@@ -9,6 +9,19 @@ Lightning also warns, at every periodic save of a manually optimized module, tha
 state after the optimizer step, and prints a code example of saving a `layer` before it. For DMD that is
 the state to keep: weights, optimizer states, EMA and update phase all after the same step, which is where a
 resumed run continues. This class leaves that warning out.
+
+It also turns SIGTERM (what a cluster sends before pre-emption) and SIGINT (Ctrl-C) into a resumable stop: the
+signal is noted, `last.ckpt` is written at the end of the training step in progress (or, during a validation,
+when that validation ends), and `Stopped` is raised, which `dmd` reports in one line with exit code 128 +
+the signal's number, so that a scheduler requeues the job. A second Ctrl-C interrupts at once.
+
+`find_last_checkpoint` is what `dmd fit --ckpt_path last` resumes: the newest `last.ckpt` of the run's
+checkpoint folder, its logger's `version_*` folders or its `default_root_dir`, not only of the new version's
+folder that Lightning looks in.
+
+`CheckpointIO` (the trainer's default in `dmd`) writes single-file checkpoints beside their destination and
+renames them into place, so a killed save leaves the previous file whole on any filesystem; it loads with
+`weights_only=True` and names the file when it is not a checkpoint.
 
 `ShardedCheckpointIO` (a Trainer plugin; YAML: `trainer: {plugins: [{class_path:
 dmd_lightning.checkpoint.ShardedCheckpointIO}]}`) stores each checkpoint as a folder named like the file would
@@ -33,6 +46,9 @@ import json
 import os
 import re
 import shutil
+import signal
+import sys
+import threading
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -44,6 +60,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpo
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from safetensors.torch import load_file, save_file
 
+from .errors import CheckpointError
+
 _POST_STEP_WARNING = "Using ModelCheckpoint with manual optimization and every_n_train_steps"
 
 INDEX, SKELETON, FORMAT = "index.json", "skeleton.pt", "dmd_lightning.sharded/1"
@@ -54,11 +72,82 @@ _DTYPES = {getattr(torch, n) for n in ("float64", "float32", "float16", "bfloat1
                                          "uint16", "uint32", "uint64") if hasattr(torch, n)}  # safetensors' own
 
 
+class Stopped(Exception):
+    """Training stopped on a signal after saving a resumable checkpoint."""
+
+    def __init__(self, signum: int, path: str | None, global_step: int):
+        self.signum, self.path, self.global_step = signum, path, global_step
+        super().__init__(f"stopped by {signal.Signals(signum).name} at global step {global_step}; "
+                         + (f"saved {path}; resume with --ckpt_path last" if path else "nothing saved"))
+
+
 class ModelCheckpoint(LightningModelCheckpoint):
+    """Lightning's, plus `last.ckpt` at the end of training and a saved stop on SIGTERM / SIGINT (module
+    docstring); `stop_on_signal=False` leaves the signals to Lightning."""
+
+    def __init__(self, *args, stop_on_signal: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stop_on_signal = stop_on_signal
+        self.signum: int | None = None  # the signal received
+        self._stopping: Stopped | None = None  # raised at the next hook once last.ckpt is saved
+        self._handlers: dict = {}
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.signum, self._stopping = None, None
+        if self.stop_on_signal and threading.current_thread() is threading.main_thread():
+            self._handlers = {s: signal.signal(s, self._notice) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._restore_handlers()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._restore_handlers()
+
+    def _restore_handlers(self) -> None:
+        for s, handler in self._handlers.items():
+            signal.signal(s, handler)
+        self._handlers = {}
+
+    def _notice(self, signum: int, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop now, unsaved
+            self._restore_handlers()
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"{signal.Signals(signum).name} received: saving a checkpoint when this step (or validation) ends, "
+              "then stopping", file=sys.stderr, flush=True)
+
+    def _save_if_signalled(self, trainer) -> None:
+        """Saves last.ckpt if a signal came; `Stopped` is raised at the next hook (after this step's logs)."""
+        # every rank must stop at the same step; the signal may have reached only some of them
+        if self._stopping is not None or not trainer.strategy.reduce_boolean_decision(self.signum is not None, all=False):
+            return
+        path = self.format_checkpoint_name(self._monitor_candidates(trainer), self.CHECKPOINT_NAME_LAST)
+        if self._last_global_step_saved != trainer.global_step or not os.path.lexists(path):
+            trainer.save_checkpoint(path)
+            self._last_global_step_saved = trainer.global_step
+        self._stopping = Stopped(self.signum or signal.SIGTERM, path, trainer.global_step)
+
+    def _stop_if_saved(self) -> None:
+        if self._stopping is not None:
+            raise self._stopping
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._stop_if_saved()
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._stop_if_saved()
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_POST_STEP_WARNING)
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._save_if_signalled(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._save_if_signalled(trainer)
+            self._stop_if_saved()
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
@@ -69,15 +158,86 @@ class ModelCheckpoint(LightningModelCheckpoint):
         """Also `.last.ckpt.old` where a crash in ShardedCheckpointIO's swap left no `last.ckpt` beside it."""
         found = super()._find_last_checkpoints(trainer)
         folder = self.dirpath or self._ModelCheckpoint__resolve_ckpt_dir(trainer)  # dirpath is set in setup(), later
-        if not os.path.isdir(folder):
-            return found
-        last = re.compile(rf"^\.({self.CHECKPOINT_NAME_LAST}(-\d+)?{re.escape(self.FILE_EXTENSION)})\.old$")
-        olds = [m for m in map(last.match, os.listdir(folder)) if m]
-        lost = [m.group(0) for m in olds if not os.path.lexists(os.path.join(folder, m.group(1)))]
-        return found | {os.path.join(folder, old) for old in lost}
+        return found | set(_lost_lasts(folder))
 
 
-class ShardedCheckpointIO(TorchCheckpointIO):
+_LAST = re.compile(r"^last(-v\d+)?\.ckpt$")
+
+
+def _lost_lasts(folder) -> list[str]:
+    """`.last.ckpt.old` folders in `folder` whose `last.ckpt` a crash mid-swap removed."""
+    if not os.path.isdir(folder):
+        return []
+    olds = [n for n in os.listdir(folder) if n.startswith(".") and n.endswith(".old") and _LAST.match(n[1:-4])]
+    return [os.path.join(folder, n) for n in olds if not os.path.lexists(os.path.join(folder, n[1:-4]))]
+
+
+def find_last_checkpoint(trainer) -> str | None:
+    """The newest `last.ckpt` (file or sharded folder) of this run's configuration, None if there is none: in
+    the checkpoint callbacks' `dirpath`, else in the folders Lightning would choose, for every version of the
+    run's logger (`<save_dir>/<name>/version_*/checkpoints`) or, without a logger, `<default_root_dir>/checkpoints`."""
+    roots = [cb.dirpath for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+    if len(roots) < len(trainer.checkpoint_callbacks) or not roots:
+        roots += [logger.root_dir for logger in trainer.loggers if getattr(logger, "root_dir", None)]
+        roots += [] if trainer.loggers else [os.path.join(trainer.default_root_dir, "checkpoints")]
+    found = set()
+    for root in map(str, roots):
+        for folder, dirs, _ in os.walk(root):
+            dirs[:] = [d for d in dirs if not _LAST.match(d)]  # a sharded checkpoint is a folder: not walked into
+            found |= {os.path.join(folder, n) for n in os.listdir(folder) if _LAST.match(n)}
+            found |= set(_lost_lasts(folder))
+    return max(found, key=os.path.getmtime, default=None)
+
+
+class CheckpointIO(TorchCheckpointIO):
+    """Single-file checkpoints written crash-safely beside their destination, loaded with weights_only=True;
+    CheckpointError naming the file when it is missing or not a Lightning checkpoint."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+        try:
+            _write(tmp, torch.save, checkpoint)
+            os.replace(tmp, path)
+        except BaseException:
+            _remove(tmp)
+            raise
+        _fsync(path.parent)
+        _remove_stale_temporaries(path)
+
+    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
+        if "://" not in str(path) and not os.path.lexists(_existing(path)):
+            raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+        if os.path.isdir(_existing(path)):
+            raise CheckpointError(f"{path} is a folder, not a checkpoint file (sharded checkpoints need the "
+                                  "trainer plugin dmd_lightning.checkpoint.ShardedCheckpointIO)")
+        cpu = map_location if map_location is not None else (lambda storage, loc: storage)
+        try:
+            return super().load_checkpoint(path, map_location=cpu, weights_only=True)
+        except Exception as err:  # torch's own message would suggest weights_only=False: unsafe for a stray file
+            raise CheckpointError(f"{path} is not a checkpoint that torch.load(weights_only=True) can read "
+                                  f"({type(err).__name__}); pass a checkpoint written by `dmd fit`") from None
+
+
+def load_checkpoint_file(path) -> dict:
+    """A checkpoint file loaded with weights_only=True, memory-mapped where its format allows (a cheap look at
+    its hyper-parameters); CheckpointError naming the file when it is not one."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # files of the legacy (non-zip) format cannot be memory-mapped
+        checkpoint = CheckpointIO().load_checkpoint(path)
+    except Exception as err:
+        raise CheckpointError(f"{path} is not a checkpoint that torch.load(weights_only=True) can read "
+                              f"({type(err).__name__}); pass a checkpoint written by `dmd fit`") from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path} is not a checkpoint written by `dmd fit` (it holds a {type(checkpoint).__name__})")
+    return checkpoint
+
+
+class ShardedCheckpointIO(CheckpointIO):
     """Checkpoints as folders of safetensors files of at most `max_shard_bytes` each (see the module docstring).
 
     Ordinary single-file checkpoints still load, always with weights_only=True.
@@ -93,9 +253,11 @@ class ShardedCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
         if os.path.isdir(_existing(path)):
-            return load_sharded(path, map_location)
-        cpu = map_location if map_location is not None else (lambda storage, loc: storage)
-        return super().load_checkpoint(path, map_location=cpu, weights_only=True)
+            try:
+                return load_sharded(path, map_location)
+            except (OSError, ValueError) as err:
+                raise CheckpointError(str(err)) from None
+        return super().load_checkpoint(path, map_location, weights_only)
 
     def remove_checkpoint(self, path) -> None:
         _remove(path)
@@ -288,9 +450,14 @@ def _swap(tmp: Path, folder: Path) -> None:
     os.replace(tmp, folder)
     _fsync(folder.parent)
     _remove(old)
-    for name in os.listdir(folder.parent):
-        if name.startswith(f".{folder.name}.tmp-"):
-            _remove(folder.parent / name)
+    _remove_stale_temporaries(folder)
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Half-written `.NAME.tmp-*` siblings of `path` left by crashed processes (one writer per path)."""
+    for name in os.listdir(path.parent):
+        if name.startswith(f".{path.name}.tmp-"):
+            _remove(path.parent / name)
 
 
 def _old(path) -> Path:

@@ -1,12 +1,22 @@
-"""The `dmd` command: Lightning's CLI (fit / validate / test / predict) plus the project's subcommands."""
+"""The `dmd` command: Lightning's CLI (fit / validate / test / predict) plus the project's subcommands.
+
+`--ckpt_path last` means the newest `last.ckpt` of the config's run, wherever its version folder is
+(checkpoint.find_last_checkpoint); `dmd fit` without one starts from scratch and says so. `dmd validate`, `test`,
+`predict` and `export` without `--ckpt_path` warn in one line that they use the untrained generator.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 
 from lightning import LightningDataModule, LightningModule, Trainer
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from .checkpoint import CheckpointIO, Stopped, find_last_checkpoint, load_checkpoint_file
+from .errors import CheckpointError, ConfigError
 
 
 class DMDTrainer(Trainer):
@@ -33,13 +43,12 @@ class DMDTrainer(Trainer):
         encoder and tokenizer come from the teacher's folder (or `teacher_path`). The pipeline takes exactly one
         step: `pipe(prompt, num_inference_steps=1, guidance_scale=1.0)`. dtype: float32, float16 or bfloat16.
         """
-        import torch
-
         from .export import export_module
 
         if ckpt_path is not None:
-            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-            model.load_state_dict(model.fill_frozen(checkpoint["state_dict"]))
+            checkpoint = self.strategy.checkpoint_io.load_checkpoint(ckpt_path)
+            model.on_load_checkpoint(checkpoint)
+            model.load_state_dict(checkpoint["state_dict"])
         out = export_module(model, out_dir, ema=ema, teacher_path=teacher_path, dtype=dtype)
         print(f"exported the {'EMA ' if ema else ''}generator to {out}")
 
@@ -66,6 +75,53 @@ class DMDCLI(LightningCLI):
         return {**LightningCLI.subcommands(), "pairs": {"model", "datamodule"},
                 "export": {"model", "datamodule"}}
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's CLI reads a checkpoint's hyper-parameters into the config, so that a resumed run or an
+        evaluation uses the settings it was trained with; here the file is read safely first (CheckpointError
+        naming it otherwise) and only the keys the configured model takes are copied."""
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not path or not os.path.isfile(path):
+            return
+        hparams = dict(load_checkpoint_file(path).get("hyper_parameters") or {})
+        init_args = self.config[subcommand].get("model", {}).get("init_args")
+        for key, value in hparams.items():
+            if init_args is not None and key in init_args and not key.startswith("_"):
+                init_args[key] = value
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # no plugin chosen: write beside, rename
+            trainer.strategy.checkpoint_io = CheckpointIO()
+        return trainer
+
+    def resolve_ckpt_path(self) -> None:
+        """`last` -> the run's newest last.ckpt; a path that does not exist is refused before anything loads."""
+        kwargs = self.config_init[self.subcommand]
+        path = kwargs.get("ckpt_path")
+        training = self.subcommand == "fit"
+        if path == "last":
+            path = find_last_checkpoint(self.trainer)
+            if path is None and not training:
+                raise CheckpointError(f"--ckpt_path last: no last.ckpt of this config's runs (under "
+                                      f"{self.trainer.default_root_dir}); pass a checkpoint path")
+            print(f"resuming from {path}" if path else "--ckpt_path last: no earlier checkpoint of this config; "
+                  "starting from scratch", file=sys.stderr)
+            kwargs["ckpt_path"] = path
+        elif path is not None and "://" not in str(path) and not os.path.exists(path):
+            raise CheckpointError(f"--ckpt_path {path}: no such file or folder")
+        elif path is None and not training and self.subcommand != "pairs":
+            print(f"warning: `dmd {self.subcommand}` without --ckpt_path uses the untrained generator (the teacher's "
+                  "copy); pass --ckpt_path PATH or --ckpt_path last", file=sys.stderr)
+
+    before_fit = before_validate = before_test = before_predict = resolve_ckpt_path
+
+    def before_export(self) -> None:
+        from .export import generator_unet
+
+        generator_unet(self.model.generator_ema)  # a model that cannot be exported is refused first
+        self.resolve_ckpt_path()
+
 
 def cli(args=None, run: bool = True) -> DMDCLI:
     return DMDCLI(
@@ -81,26 +137,37 @@ def cli(args=None, run: bool = True) -> DMDCLI:
     )
 
 
-def main() -> None:
-    """`dmd`: the project's own errors (bad input, missing weights or data, non-finite training) and Lightning's
-    configuration errors (e.g. a GPU asked for where none exists) end with one line `error: ...`, exit code 2."""
+def main(args: list[str] | None = None) -> None:
+    """`dmd`: the project's own errors (bad settings, missing or foreign checkpoints, weights or data, non-finite
+    training), files that cannot be read or written, and Lightning's configuration errors (e.g. a GPU asked for
+    where none exists) end with one line `error: ...`, exit code 2. A stop on SIGTERM / SIGINT, after saving
+    `last.ckpt`, ends with one line and exit code 128 + the signal's number, so that schedulers requeue the job."""
     from .fmnist import DataNotFoundError
     from .loading import WeightsNotFoundError
     from .module import NonFiniteError, ShapeMismatchError
     from .pair_data import PairsError
 
-    own = (PairsError, WeightsNotFoundError, DataNotFoundError, ShapeMismatchError, NonFiniteError,
-           MisconfigurationException)
+    own = (ConfigError, PairsError, WeightsNotFoundError, DataNotFoundError, ShapeMismatchError, NonFiniteError,
+           MisconfigurationException, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
     try:
-        cli()
+        cli(args)
     except Exception as err:
         cause = err  # jsonargparse wraps errors raised while it instantiates the config's classes
-        while cause is not None and not isinstance(cause, own):
+        while cause is not None and not isinstance(cause, own + (Stopped,)):
             cause = cause.__cause__ or cause.__context__
         if cause is None:
             raise
-        print(f"error: {cause}", file=sys.stderr)
+        if isinstance(cause, Stopped):
+            print(cause, file=sys.stderr)
+            raise SystemExit(128 + cause.signum) from None
+        print(f"error: {one_line(cause)}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def one_line(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        return f"{err.strerror}: {err.filename!r}"
+    return " ".join(str(err).split())
 
 
 if __name__ == "__main__":

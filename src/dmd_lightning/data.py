@@ -9,6 +9,7 @@ from lightning import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
+from .errors import ConfigError, check_int
 from .pair_data import PairDataset, PairsError
 
 
@@ -24,7 +25,7 @@ class GlobalBatchStream(IterableDataset):
     def __init__(self, make: Callable[[torch.Generator, int], dict[str, Tensor]], seed: int, rank: int, world: int,
                  start: Callable[[], int]):
         if not 0 <= seed < 2**31:
-            raise ValueError(f"need 0 <= seed < 2**31, got {seed}")
+            raise ConfigError(f"need 0 <= seed < 2**31, got {seed}")
         self.make, self.seed, self.rank, self.world, self.start = make, seed, rank, world, start
 
     def global_batch(self, k: int) -> dict[str, Tensor]:
@@ -74,7 +75,13 @@ class DMDDataModule(StreamDataModule):
                  num_classes: int | None = 10, val_size: int = 10000, val_batch_size: int = 500, seed: int = 0,
                  val_seed: int | None = None, expect: dict | None = None):
         super().__init__()
+        for key in ("batch_size", "pair_batch_size", "val_size", "val_batch_size"):
+            check_int(key, locals()[key])
+        check_int("num_classes", num_classes, allow_none=True)
+        check_int("seed", seed, 0)
+        check_int("val_seed", val_seed, 0, allow_none=True)
         self.save_hyperparameters()
+        self.num_classes = num_classes
         self.pairs: PairDataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -83,6 +90,9 @@ class DMDDataModule(StreamDataModule):
             if (self.pairs.cond is None) != (self.hparams.num_classes is None):
                 raise PairsError(f"pairs in {self.hparams.pairs_dir} are {'un' if self.pairs.cond is None else ''}"
                                  f"conditional but num_classes is {self.hparams.num_classes}")
+            if self.pairs.cond is not None and int(self.pairs.cond.max()) >= self.hparams.num_classes:
+                raise PairsError(f"pairs in {self.hparams.pairs_dir} have labels up to {int(self.pairs.cond.max())} "
+                                 f"but num_classes is {self.hparams.num_classes}")
 
     @property
     def sample_shape(self) -> tuple[int, ...] | None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import ConfigError
 from .generator import OneStepGenerator
 from .loading import load_pretrained
 
@@ -36,9 +37,12 @@ def generator_unet(generator: nn.Module) -> nn.Module:
     """The UNet inside a OneStepGenerator built on a UNet denoiser (SDDenoiser)."""
     unet = getattr(getattr(generator, "denoiser", None), "unet", None)
     if not isinstance(generator, OneStepGenerator) or unet is None:
-        raise TypeError(f"export needs a OneStepGenerator around a UNet denoiser, got {type(generator).__name__}")
+        raise ConfigError(f"dmd export needs a OneStepGenerator around a UNet denoiser, got {type(generator).__name__}")
+    if not getattr(generator.denoiser, "text_conditional", False):
+        raise ConfigError("dmd export writes Stable Diffusion pipelines (text-conditional latent UNets); this "
+                          "generator is a pixel-space UNet, which it cannot export yet")
     if generator.timestep != generator.denoiser.schedule.T - 1:
-        raise ValueError(f"the generator reads noise at t={generator.timestep}; a DDIM step can only start at T-1")
+        raise ConfigError(f"the generator reads noise at t={generator.timestep}; a DDIM step can only start at T-1")
     return unet
 
 
@@ -49,7 +53,7 @@ def export_pipeline(generator: nn.Module, teacher_path: str, out_dir: str | Path
     from transformers import CLIPTextModel, CLIPTokenizer
 
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+        raise ConfigError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
     unet = copy.deepcopy(generator_unet(generator)).to("cpu", DTYPES[dtype])
     if unet.is_gradient_checkpointing:
         unet.disable_gradient_checkpointing()
@@ -78,6 +82,6 @@ def export_module(module: nn.Module, out_dir: str | Path, ema: bool = True, teac
     """export_pipeline for a DMDModule: its EMA generator (or the raw one), the teacher's components."""
     path = teacher_path or getattr(module.teacher, "path", None)
     if path is None:
-        raise ValueError("the teacher has no `path`; pass teacher_path (a pipeline folder with vae/, text_encoder/, "
+        raise ConfigError("the teacher has no `path`; pass teacher_path (a pipeline folder with vae/, text_encoder/, "
                          "tokenizer/, scheduler/)")
     return export_pipeline(module.generator_ema if ema else module.generator, path, out_dir, dtype)

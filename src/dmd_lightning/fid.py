@@ -23,6 +23,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 
 from . import fmnist
 from .classifier import FEATURE_DIM, FMNISTClassifier
+from .errors import ConfigError
 from .evaluation import Evaluator
 
 FMNIST_EXTRACTOR = "fmnist-classifier"
@@ -64,7 +65,7 @@ class FMNISTFeatureExtractor(FeatureExtractorBase):
     def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
         super().__init__(name, features_list)
         if feature_extractor_weights_path is None:
-            raise ValueError(f"feature extractor {name!r} needs feature_extractor_weights_path (a local file)")
+            raise ConfigError(f"feature extractor {name!r} needs feature_extractor_weights_path (a local file)")
         self.net = load_classifier(feature_extractor_weights_path)
 
     @staticmethod
@@ -140,7 +141,7 @@ def fidelity_kwargs(samples: Dataset, reference: Dataset | str, extractor: str =
     """The keyword arguments of `torch_fidelity.calculate_metrics`. Only the reference (input2) is cached, and
     only when `reference_name` is given; the KID subset size shrinks to the smaller input when needed."""
     if extractor not in FEATURE_EXTRACTORS_REGISTRY:
-        raise ValueError(f"unknown feature extractor {extractor!r}; registered: {sorted(FEATURE_EXTRACTORS_REGISTRY)}")
+        raise ConfigError(f"unknown feature extractor {extractor!r}; registered: {sorted(FEATURE_EXTRACTORS_REGISTRY)}")
     if weights_path is None or not os.path.isfile(weights_path):
         raise FileNotFoundError(f"feature extractor weights {weights_path!r} not found (nothing is downloaded)")
     sizes = [len(samples)] + ([len(reference)] if hasattr(reference, "__len__") and not isinstance(reference, str)

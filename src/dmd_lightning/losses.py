@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .denoisers import Denoiser, guided
+from .errors import ConfigError
 from .schedule import expand_like
 
 
@@ -111,7 +112,7 @@ class LPIPSLoss(nn.Module):
         import lpips
 
         if backbone_weights is None and not random_backbone:
-            raise ValueError(
+            raise ConfigError(
                 "LPIPSLoss needs backbone_weights: a local torchvision VGG16 state dict (vgg16-397923af.pth); "
                 "pretrained weights cannot be downloaded here. Use L2Loss or PseudoHuberLoss without them."
             )

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from .denoisers import Denoiser
 from .ema import ema_tensors, ema_update, warmup_decay
+from .errors import CheckpointError, ConfigError, check, check_choice, check_fraction_range, check_int, check_number
 from .evaluation import Evaluator
 from .generator import OneStepGenerator, error_gain
 from .losses import denoising_loss, distribution_matching_loss
@@ -57,6 +58,9 @@ class DMDModule(LightningModule):
     Validation scores the EMA generator (`val/<metric>`); `validate_raw` also scores the raw one
     (`val/raw/<metric>`) with a copy of the evaluator: the two differ most when the learning rate is too high.
 
+    A non-finite loss or gradient skips the update (`on_nonfinite="skip"`) or stops (`"stop"`); skipped updates
+    do not count towards max_steps, so after `max_consecutive_skips` of them in a row training stops with one line.
+
     Ablations (paper Table 2): `dm_weight=0` is regression only; `use_fake_score=False` is the real score
     alone; `regression_loss=None` is DMD without regression.
 
@@ -92,14 +96,12 @@ class DMDModule(LightningModule):
         ema_decay: float = 0.999,
         ema_warmup: bool = True,
         on_nonfinite: str = "skip",
+        max_consecutive_skips: int = 20,
         validate_raw: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["teacher", "generator", "fake_score", "regression_loss", "evaluator"])
-        if lr_decay not in ("constant", "cosine"):
-            raise ValueError(f"lr_decay must be 'constant' or 'cosine', got {lr_decay!r}")
-        if on_nonfinite not in ("skip", "stop"):
-            raise ValueError(f"on_nonfinite must be 'skip' or 'stop', got {on_nonfinite!r}")
+        check_arguments(self.hparams)
         self.automatic_optimization = False
         _, t_max = teacher.schedule.t_bounds(*t_range)
         # the fake score as DMD builds it, a fine-tuned copy of the teacher (its own networks are the user's call)
@@ -123,6 +125,7 @@ class DMDModule(LightningModule):
         self._noise: torch.Generator | None = None  # the losses' t and eps; created on the training device
         self._restored: dict | None = None  # RNG states from a checkpoint, applied before the next step
         self._ema_tensors: tuple | None = None
+        self._skips = 0  # consecutive skipped updates
 
     # ----------------------------------------------------------------------------------------------- setup
     def train(self, mode: bool = True):
@@ -140,6 +143,7 @@ class DMDModule(LightningModule):
         shape = getattr(getattr(self.trainer, "datamodule", None), "sample_shape", None)
         if shape is not None:
             check_sample_shape(self.teacher, tuple(shape))
+        check_labels(self.teacher, getattr(getattr(self.trainer, "datamodule", None), "num_classes", None))
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -167,7 +171,7 @@ class DMDModule(LightningModule):
             return hp.decay_steps
         max_steps = self.trainer.max_steps if self._trainer is not None else -1
         if max_steps is None or max_steps <= 0:
-            raise ValueError("lr_decay='cosine' needs decay_steps or the trainer's max_steps")
+            raise ConfigError("lr_decay='cosine' needs decay_steps or the trainer's max_steps")
         per_update = 1 + (hp.fake_updates_per_generator_update if self.trains_fake_score else 0)
         return max(1, max_steps // per_update)
 
@@ -269,9 +273,14 @@ class DMDModule(LightningModule):
                 raise NonFiniteError(msg)
             if not is_finite_module(net):  # every later step would be skipped too, and global_step never grows
                 raise NonFiniteError(f"{msg}: the {name}'s weights are non-finite, skipping cannot recover")
+            self._skips += 1
+            if self._skips >= self.hparams.max_consecutive_skips:  # skipped steps do not count towards max_steps
+                raise NonFiniteError(f"{msg}: {self._skips} consecutive updates skipped (max_consecutive_skips); "
+                                     "lower the learning rates or check the data")
             self.print(f"warning: {msg}; update skipped")
             self.log(f"{name}/skipped", 1.0, on_step=True)
         else:
+            self._skips = 0
             opt.step()
             sched.step()
         opt.zero_grad(set_to_none=True)
@@ -323,7 +332,9 @@ class DMDModule(LightningModule):
         checkpoint["dmd_rng"] = {"global": rng_states(), "noise": self._noise.get_state() if self._noise is not None else None}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.fill_frozen(checkpoint["state_dict"])
+        if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+            raise CheckpointError("the checkpoint holds no 'state_dict': pass a checkpoint written by `dmd fit`")
+        check_same_model(self.state_dict(), self.fill_frozen(checkpoint["state_dict"]))
         self.iteration = int(checkpoint.get("dmd_iteration", 0))
         rng = checkpoint.get("dmd_rng")
         self._restored = rng if rng is not None and rng["noise"] is not None else None
@@ -338,6 +349,50 @@ class DMDModule(LightningModule):
                 for k, v in net.state_dict(prefix=prefix).items():
                     state.setdefault(k, v)
         return state
+
+
+def check_arguments(hp) -> None:
+    """ConfigError naming the first of DMDModule's arguments that cannot work."""
+    check_number("guidance_scale", hp.guidance_scale, 0.0)
+    for key in ("regression_weight", "dm_weight", "weight_decay", "gradient_clip"):
+        check_number(key, hp[key], 0.0, low_open=key == "gradient_clip")
+    check_int("fake_updates_per_generator_update", hp.fake_updates_per_generator_update)
+    check_fraction_range("t_range", hp.t_range)
+    check_fraction_range("fake_t_range", hp.fake_t_range)
+    for key in ("generator_lr", "fake_lr"):
+        check_number(key, hp[key], 0.0, low_open=True)
+    check(isinstance(hp.betas, (list, tuple)) and len(hp.betas) == 2 and all(
+        isinstance(b, (int, float)) and 0 <= b < 1 for b in hp.betas), "betas", hp.betas, "must be two numbers in [0, 1)")
+    check_int("warmup_steps", hp.warmup_steps, 0)
+    check_choice("lr_decay", hp.lr_decay, ("constant", "cosine"))
+    check_int("decay_steps", hp.decay_steps, 1, allow_none=True)
+    check_number("min_lr_ratio", hp.min_lr_ratio, 0.0, 1.0)
+    check_number("ema_decay", hp.ema_decay, 0.0, 1.0)
+    check_choice("on_nonfinite", hp.on_nonfinite, ("skip", "stop"))
+    check_int("max_consecutive_skips", hp.max_consecutive_skips)
+
+
+def check_same_model(own: dict, state: dict) -> None:
+    """CheckpointError, before Lightning's strict load, when a checkpoint's weights are not this model's."""
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = [f"{len(v)} {what} (first: {v[0]})" for what, v in (("missing weights", missing),
+                 ("unexpected weights", unexpected), ("of other shapes, checkpoint vs model", shapes)) if v]
+        raise CheckpointError(f"the checkpoint is not of this model: {'; '.join(parts)}; use the config it was "
+                              "trained with")
+
+
+def check_labels(teacher: Denoiser, num_classes: int | None) -> None:
+    """ConfigError when the data's labels 0..num_classes-1 reach the teacher's null label (classifier-free
+    guidance's "no label") or beyond its class embedding."""
+    null = getattr(teacher, "null_label", None)
+    if num_classes is not None and null is not None and num_classes > null:
+        raise ConfigError(f"num_classes={num_classes}: the data's labels reach {num_classes - 1}, but the teacher "
+                          f"embeds labels 0..{null - 1} and uses {null} as its null label; set data num_classes "
+                          f"<= {null}")
 
 
 # state-dict prefixes of the networks that never train: left out of checkpoints

@@ -3,7 +3,8 @@
 `dmd pairs --config configs/fmnist_pairs.yaml` runs the teacher's deterministic ODE sampler on seeded noise:
 PairGenerationDataModule serves the shards not yet on disk (shard s to rank s % world_size), PairGenerator
 samples, PairWriter stores each finished shard atomically. Rerunning after an interruption only makes the
-missing shards, and the noise of pair i never depends on ranks or batching. Read the result with PairDataset.
+missing shards (and those whose checksums fail), and the noise of pair i never depends on ranks or batching.
+Read the result with PairDataset.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from .denoisers import Denoiser
-from .pair_data import (MANIFEST, PairsError, item_label, item_noise, num_shards, read_manifest, shard_is_complete,
-                        shard_name, shard_range, write_manifest, write_shard)
+from .errors import check_int
+from .module import check_sample_shape
+from .pair_data import (MANIFEST, PairsError, item_label, item_noise, num_shards, read_manifest, same_setting,
+                        shard_name, shard_problem, shard_range, write_manifest, write_shard, writer_is_gone)
 from .samplers import make_scheduler, sample_ode
 
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -92,8 +95,9 @@ class PairGenerationDataModule(LightningDataModule):
                  num_classes: int | None = 10, batch_size: int = 250, seed: int = 0,
                  dtype: Literal["float32", "float16", "bfloat16"] = "float32"):
         super().__init__()
-        if num_pairs < 1 or shard_size < 1 or batch_size < 1:
-            raise ValueError("num_pairs, shard_size and batch_size must be positive")
+        for key in ("num_pairs", "shard_size", "batch_size"):
+            check_int(key, locals()[key])
+        check_int("seed", seed, 0)
         self.save_hyperparameters()
         self.out_dir = Path(out_dir)
         self.num_pairs, self.shard_size, self.batch_size, self.seed = num_pairs, shard_size, batch_size, seed
@@ -117,10 +121,18 @@ class PairGenerationDataModule(LightningDataModule):
         return self.trainer.global_rank, self.trainer.world_size
 
     def pending_shards(self) -> list[int]:
-        """This rank's shards whose file is absent or does not load."""
+        """This rank's shards whose file is absent or fails to load or verify; one line says why for each file
+        that exists but is regenerated."""
         rank, world = self.rank()
-        return [s for s in range(rank, self.num_shards, world)
-                if not shard_is_complete(self.out_dir / shard_name(s), shard_range(s, self.num_pairs, self.shard_size))]
+        pending = []
+        for s in range(rank, self.num_shards, world):
+            path = self.out_dir / shard_name(s)
+            why = shard_problem(path, shard_range(s, self.num_pairs, self.shard_size))
+            if why is not None:
+                pending.append(s)
+                if why != "missing":
+                    print(f"{path.name}: {why}; regenerating")
+        return pending
 
     def predict_dataloader(self) -> DataLoader:
         def make(indices: range) -> dict[str, Tensor]:
@@ -154,11 +166,12 @@ class PairWriter(BasePredictionWriter):
     def setup(self, trainer, pl_module, stage: str) -> None:
         # setup, not on_predict_start: the check must run even when every shard is done and predict is skipped.
         manifest = self.manifest(trainer, pl_module)
+        check_sample_shape(pl_module.teacher, tuple(manifest["noise_shape"]))  # before any file is written
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.pending = {}
         if (self.out_dir / MANIFEST).is_file():
             old = read_manifest(self.out_dir)
-            diff = {k: (old.get(k), v) for k, v in manifest.items() if old.get(k) != v}
+            diff = {k: (old.get(k), v) for k, v in manifest.items() if not same_setting(k, old.get(k), v)}
             if diff:
                 listed = ", ".join(f"{k}: {a!r} on disk vs {b!r} now" for k, (a, b) in diff.items())
                 raise PairsError(f"{self.out_dir / MANIFEST} was written with other settings ({listed}); "
@@ -168,11 +181,11 @@ class PairWriter(BasePredictionWriter):
         self.remove_stale_files(trainer.global_rank, trainer.world_size)
 
     def remove_stale_files(self, rank: int, world: int) -> None:
-        """Delete the temporary files a killed run left behind, of this rank's shards only (no other rank
-        writes them, so none is in use)."""
+        """Delete the temporary files a killed run left behind: of this rank's shards only (no other rank of this
+        run writes them), and only if their writer is gone (another live run may be writing one)."""
         for tmp in self.out_dir.glob(".shard-*.safetensors.tmp-*"):
             shard = tmp.name.split(".")[1].removeprefix("shard-")
-            if shard.isdigit() and int(shard) % world == rank:
+            if shard.isdigit() and int(shard) % world == rank and writer_is_gone(tmp):
                 tmp.unlink(missing_ok=True)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .denoisers import Denoiser, guided
+from .errors import ConfigError
 
 SCHEDULERS = {
     "ddim": ("DDIMScheduler", {"clip_sample": False}),
@@ -28,14 +29,14 @@ def make_scheduler(name: str, config: dict, **overrides):
     import diffusers
 
     if name not in SCHEDULERS:
-        raise ValueError(f"unknown sampler {name!r}; expected one of {sorted(SCHEDULERS)}")
+        raise ConfigError(f"unknown sampler {name!r}; expected one of {sorted(SCHEDULERS)}")
     cls_name, defaults = SCHEDULERS[name]
     kwargs = {k: v for k, v in {**defaults, **config, **overrides}.items() if v is not None}
     cls = getattr(diffusers, cls_name)
     if kwargs.get("rescale_betas_zero_snr") and "rescale_betas_zero_snr" not in inspect.signature(cls).parameters:
         zero_snr = sorted(k for k, (c, _) in SCHEDULERS.items()
                           if "rescale_betas_zero_snr" in inspect.signature(getattr(diffusers, c)).parameters)
-        raise ValueError(f"sampler {name!r} ({cls_name}) does not take a zero-terminal-SNR schedule; "
+        raise ConfigError(f"sampler {name!r} ({cls_name}) does not take a zero-terminal-SNR schedule; "
                          f"use one of {zero_snr}")
     return cls.from_config(kwargs)
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .errors import ConfigError
+
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
@@ -35,7 +37,7 @@ def make_betas(beta_schedule: str, num_train_timesteps: int, beta_start: float, 
 
         betas = [min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), 0.999) for i in range(T)]
         return torch.tensor(betas, dtype=torch.float64)
-    raise ValueError(f"unknown beta_schedule {beta_schedule!r}; expected linear, scaled_linear or squaredcos_cap_v2")
+    raise ConfigError(f"unknown beta_schedule {beta_schedule!r}; expected linear, scaled_linear or squaredcos_cap_v2")
 
 
 def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
@@ -71,12 +73,12 @@ class VPSchedule(nn.Module):
     ):
         super().__init__()
         if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+            raise ConfigError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
         if rescale_betas_zero_snr and prediction_type == "epsilon":
-            raise ValueError("rescale_betas_zero_snr makes alpha_{T-1} = 0, where epsilon-prediction cannot give x_0; "
+            raise ConfigError("rescale_betas_zero_snr makes alpha_{T-1} = 0, where epsilon-prediction cannot give x_0; "
                              "use prediction_type v_prediction (Lin et al. 2024) or sample")
         if timestep_spacing not in TIMESTEP_SPACINGS:
-            raise ValueError(f"unknown timestep_spacing {timestep_spacing!r}; expected one of {TIMESTEP_SPACINGS}")
+            raise ConfigError(f"unknown timestep_spacing {timestep_spacing!r}; expected one of {TIMESTEP_SPACINGS}")
         self.num_train_timesteps = num_train_timesteps
         self.beta_schedule = beta_schedule
         self.prediction_type = prediction_type

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .denoisers import UNetDenoiser
+from .errors import ConfigError
 from .loading import WeightsNotFoundError, load_pretrained, scheduler_folder, unet_folder
 from .losses import LPIPSLoss
 from .schedule import VPSchedule
@@ -128,7 +129,7 @@ def load_vae(path: str, decoder: Literal["kl", "tiny"] = "kl") -> nn.Module:
 
     cls = {"kl": AutoencoderKL, "tiny": AutoencoderTiny}.get(decoder)
     if cls is None:
-        raise ValueError(f"unknown decoder {decoder!r}; expected 'kl' or 'tiny'")
+        raise ConfigError(f"unknown decoder {decoder!r}; expected 'kl' or 'tiny'")
     p = Path(path)  # pipelines hold the VAE in vae/, TAESD repositories and bare VAE folders at their root
     sub = "vae" if (p / "vae").is_dir() or (decoder == "kl" and not (p / "config.json").is_file()) else None
     vae = load_pretrained(cls, str(path), sub)

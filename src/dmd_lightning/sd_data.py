@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from .data import StreamDataModule
+from .errors import ConfigError
 from .pair_data import PairDataset, PairsError, atomic_write_bytes, item_noise
 from .pairs import PairGenerationDataModule, PairGenerator, _ShardBatches, make_batch
 from .sd import PromptEmbeddings
@@ -47,10 +48,10 @@ def read_prompts(path: str | Path) -> list[str]:
         table = pq.read_table(path)
         columns, rows = table.column_names, table.to_pylist()
     else:
-        raise ValueError(f"unknown prompt file type {path.suffix!r} ({path}); expected .txt, .csv or .parquet")
+        raise ConfigError(f"unknown prompt file type {path.suffix!r} ({path}); expected .txt, .csv or .parquet")
     column = next((c for c in PROMPT_COLUMNS if c in columns), None)
     if column is None:
-        raise ValueError(f"{path} has no prompt column: expected one of {PROMPT_COLUMNS}, found {columns}")
+        raise ConfigError(f"{path} has no prompt column: expected one of {PROMPT_COLUMNS}, found {columns}")
     return [str(r[column]).strip() for r in rows]
 
 
@@ -94,7 +95,7 @@ class LatentPairGenerationDataModule(PairGenerationDataModule):
         if self._prompts is None:
             self._prompts = read_prompts(self.prompts_file)
             if not self._prompts:
-                raise ValueError(f"prompt file {self.prompts_file} holds no prompts")
+                raise ConfigError(f"prompt file {self.prompts_file} holds no prompts")
         return self._prompts
 
     def prompt_index(self, index: Tensor) -> Tensor:

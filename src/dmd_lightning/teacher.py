@@ -23,6 +23,7 @@ from lightning import Callback, LightningDataModule, LightningModule
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
 from .ema import ema_tensors, ema_update, warmup_decay
+from .errors import ConfigError, check_choice, check_int, check_number
 from .fmnist import DEFAULT_ROOT, load_fashion_mnist, to_model_space
 from .module import lr_factor, make_adamw
 from .schedule import VPSchedule
@@ -54,8 +55,12 @@ class TeacherModule(LightningModule):
                  warmup_steps: int = 500, lr_decay: str = "constant", min_lr_ratio: float = 0.0,
                  label_dropout: float = 0.1, ema_decay: float = 0.9995, compile: bool = False):
         super().__init__()
-        if lr_decay not in ("constant", "cosine"):
-            raise ValueError(f"lr_decay must be 'constant' or 'cosine', got {lr_decay!r}")
+        check_choice("lr_decay", lr_decay, ("constant", "cosine"))
+        check_number("lr", lr, 0.0, low_open=True)
+        check_int("warmup_steps", warmup_steps, 0)
+        check_number("min_lr_ratio", min_lr_ratio, 0.0, 1.0)
+        check_number("label_dropout", label_dropout, 0.0, 1.0)
+        check_number("ema_decay", ema_decay, 0.0, 1.0)
         self.save_hyperparameters(ignore=["schedule"])
         self.schedule = schedule or VPSchedule()
         self.unet = fmnist_unet(num_classes, block_out_channels, layers_per_block)
@@ -96,7 +101,7 @@ class TeacherModule(LightningModule):
         opt = make_adamw(self.unet.parameters(), hp.lr, (0.9, 0.999), 0.0)
         total = self.trainer.max_steps if hp.lr_decay == "cosine" else None
         if total is not None and total <= 0:
-            raise ValueError("lr_decay='cosine' needs the trainer's max_steps")
+            raise ConfigError("lr_decay='cosine' needs the trainer's max_steps")
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, hp.warmup_steps, total, hp.min_lr_ratio))
         return [opt], [{"scheduler": sched, "interval": "step"}]
 
@@ -197,6 +202,8 @@ class FashionMNISTDataModule(LightningDataModule):
     def __init__(self, data_root: str = DEFAULT_ROOT, batch_size: int = 128, num_workers: int = 0,
                  split: str = "train"):
         super().__init__()
+        check_int("batch_size", batch_size)
+        check_int("num_workers", num_workers, 0)
         self.save_hyperparameters()
         self.dataset: TensorDataset | None = None
 

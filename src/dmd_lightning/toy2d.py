@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from .data import StreamDataModule
 from .denoisers import Denoiser
+from .errors import ConfigError, check_int
 from .evaluation import Evaluator
 from .samplers import make_scheduler, sample_ode
 from .schedule import VPSchedule, expand_like
@@ -34,7 +35,7 @@ MIXTURES = {
 
 def get_mixture(name: str) -> tuple[Tensor, Tensor, float]:
     if name not in MIXTURES:
-        raise ValueError(f"unknown mixture {name!r}; expected one of {sorted(MIXTURES)}")
+        raise ConfigError(f"unknown mixture {name!r}; expected one of {sorted(MIXTURES)}")
     return ring_mixture(**MIXTURES[name])
 
 
@@ -152,6 +153,8 @@ class ToyDataModule(StreamDataModule):
                  num_pairs: int = 4096, sampler: str = "heun", sampler_steps: int = 100, val_size: int = 8192,
                  seed: int = 0, schedule: VPSchedule | None = None):
         super().__init__()
+        for key in ("batch_size", "pair_batch_size", "num_pairs", "sampler_steps", "val_size"):
+            check_int(key, locals()[key])
         self.save_hyperparameters(ignore=["schedule"])
         self.schedule = schedule or VPSchedule()
         self.pairs: tuple[Tensor, Tensor] | None = None

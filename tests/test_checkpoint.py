@@ -13,7 +13,7 @@ from test_module import fit, toy_module
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from dmd_lightning.checkpoint import ModelCheckpoint, ShardedCheckpointIO, load_sharded, save_sharded
+from dmd_lightning.checkpoint import CheckpointIO, ModelCheckpoint, ShardedCheckpointIO, load_sharded, save_sharded
 from dmd_lightning.cli import cli
 from dmd_lightning.errors import CheckpointError
 
@@ -215,3 +215,22 @@ def test_the_plugin_is_configured_from_yaml(tmp_path):
     toy = Path(__file__).parents[1] / "configs" / "toy2d.yaml"
     io = cli(["--config", str(toy), "--config", str(override)], run=False).trainer.strategy.checkpoint_io
     assert isinstance(io, ShardedCheckpointIO) and io.max_shard_bytes == KIB4
+
+
+def test_a_save_that_dies_midway_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    io = CheckpointIO()
+    io.save_checkpoint({"state_dict": {"w": torch.ones(2)}, "global_step": 1}, tmp_path / "last.ckpt")
+    (tmp_path / ".last.ckpt.tmp-99").write_bytes(b"half of a checkpoint of a killed process")
+
+    def dies(obj, path):
+        Path(path).write_bytes(b"partial")
+        raise KeyboardInterrupt  # as a kill would, in the middle of the write
+
+    monkeypatch.setattr(torch, "save", dies)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(2)}, "global_step": 2}, tmp_path / "last.ckpt")
+    monkeypatch.undo()
+    assert io.load_checkpoint(tmp_path / "last.ckpt")["global_step"] == 1
+    io.save_checkpoint({"state_dict": {"w": torch.zeros(2)}, "global_step": 3}, tmp_path / "last.ckpt")
+    assert os.listdir(tmp_path) == ["last.ckpt"]  # the next save removes what killed saves left beside it
+    assert io.load_checkpoint(tmp_path / "last.ckpt")["global_step"] == 3

@@ -18,7 +18,7 @@ $(FMNIST)/t10k-images-idx3-ubyte.gz:
 
 ## The README's main job: pairs -> DMD fit -> FID with the shipped teacher, a sample grid and a table.
 demo: $(STAMP) data
-	$(PYTHON) -m dmd_lightning.demo --out runs/demo
+	$(PYTHON) -m dmd_lightning.tools.demo --out runs/demo
 
 ## The regression pairs of configs/fmnist_pairs.yaml (10,000 teacher samples, DDIM 50 steps).
 pairs: $(STAMP)
@@ -26,7 +26,7 @@ pairs: $(STAMP)
 
 ## DMD Fig. 3 on a 2-D mixture: three variants, a PNG and a table (about 2 minutes on 2 CPU cores).
 toy: $(STAMP)
-	$(PYTHON) -m dmd_lightning.toy2d_report --config configs/toy2d.yaml --out runs/toy2d
+	$(PYTHON) -m dmd_lightning.toy2d.report --config configs/toy2d.yaml --out runs/toy2d
 
 ## The default test suite (CPU, no network).
 test: $(STAMP) data
@@ -38,11 +38,11 @@ test-slow: $(STAMP) data
 
 ## Speed and memory as ratios measured side by side (runs/bench/bench.md, bench.json); a few minutes on 2 CPU cores.
 bench: $(STAMP)
-	$(PYTHON) -m dmd_lightning.bench --out runs/bench
+	$(PYTHON) -m dmd_lightning.tools.bench --out runs/bench
 
 ## Is the teacher fit to distil? x0 MSE vs a linear denoiser, ranges, label agreement, FID (minutes on a GPU).
 teacher-check: $(STAMP) data
-	$(PYTHON) -m dmd_lightning.teacher_check --teacher weights/fmnist-teacher --out runs/teacher_check/fmnist-teacher.json
+	$(PYTHON) -m dmd_lightning.fmnist.teacher_check --teacher weights/fmnist-teacher --out runs/teacher_check/fmnist-teacher.json
 
 clean:
 	rm -rf runs .make .pytest_cache

@@ -7,13 +7,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import fit, toy_module
 from lightning import LightningModule, Trainer
 from lightning.fabric.utilities.data import AttributeDict
-from test_module import fit, toy_module
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from dmd_lightning.checkpoint import CheckpointIO, ModelCheckpoint, ShardedCheckpointIO, load_sharded, save_sharded
+from dmd_lightning.checkpoint import (
+    CheckpointIO,
+    ModelCheckpoint,
+    ShardedCheckpointIO,
+    find_last_checkpoint,
+    load_sharded,
+    save_sharded,
+)
 from dmd_lightning.cli import cli
 from dmd_lightning.errors import CheckpointError
 
@@ -188,9 +195,10 @@ def test_lightning_writes_folders_and_resumes_from_them_as_if_never_stopped(tmp_
     assert resumed.global_step == 10
     assert_same(resumed_model.state_dict(), straight.state_dict())
 
-    os.rename(ckpt / "last.ckpt", ckpt / ".last.ckpt.old")  # a crash mid-swap; `last` still finds it
-    again, _ = fit_linear(tmp_path / "a", max_steps=11, ckpt_path="last")
-    assert again.global_step == 11 and again.ckpt_path == str(ckpt / ".last.ckpt.old")
+    os.rename(ckpt / "last.ckpt", ckpt / ".last.ckpt.old")  # a crash mid-swap; `--ckpt_path last` still finds it
+    assert find_last_checkpoint(trainer) == str(ckpt / ".last.ckpt.old")
+    again, _ = fit_linear(tmp_path / "a", max_steps=11, ckpt_path=ckpt / "last.ckpt")  # loads the .old sibling
+    assert again.global_step == 11
     assert sorted(os.listdir(ckpt)) == ["epoch=7-step=8.ckpt", "last.ckpt"]  # top-1 folder replaced, .old gone
 
 

@@ -1,4 +1,6 @@
-"""Every file under configs/ parses, and the toy config runs end to end through the `dmd` command."""
+"""Every file under configs/ parses; those whose weights ship with the project are instantiated as they are
+(model, data and trainer built); the toy config runs end to end through the `dmd` command. The Stable Diffusion
+configs are instantiated and run in test_sd.py, with a tiny pipeline standing in for the hub weights."""
 
 import subprocess
 import sys
@@ -6,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from dmd_lightning.checkpoint import CheckpointIO
 from dmd_lightning.cli import cli
 
 CONFIGS = sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml"))
@@ -17,6 +20,23 @@ def test_config_parses(config, capsys):
         cli(["fit", "--config", str(config), "--print_config"])
     assert exit_info.value.code in (0, None)
     assert "model:" in capsys.readouterr().out
+
+
+SHIPPED = {  # config -> (model class, data class) its instantiation must give
+    "toy2d.yaml": ("DMDModule", "ToyDataModule"),
+    "fmnist.yaml": ("DMDModule", "DMDDataModule"),
+    "fmnist_pairs.yaml": ("PairGenerator", "PairGenerationDataModule"),
+    "fmnist_teacher.yaml": ("TeacherModule", "FashionMNISTDataModule"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_config_instantiates(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(Path(__file__).parents[1])
+    run = cli(["--config", f"configs/{name}", "--trainer.default_root_dir", str(tmp_path),
+               "--trainer.accelerator", "cpu"], run=False)
+    assert (type(run.model).__name__, type(run.datamodule).__name__) == SHIPPED[name]
+    assert isinstance(run.trainer.strategy.checkpoint_io, CheckpointIO)  # checkpoints renamed into place
 
 
 def test_unknown_config_key_is_one_clear_error(tmp_path):

@@ -10,16 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_unet
-from test_module import fit, toy_module
+from conftest import fit, tiny_unet, toy_module
 from lightning import Callback, Trainer
 
 from dmd_lightning import DMDModule, UNetDenoiser
+from dmd_lightning.checks import check_sample_shape
 from dmd_lightning.cli import main
-from dmd_lightning.data import DMDDataModule
-from dmd_lightning.fmnist import DataNotFoundError, load_fashion_mnist
-from dmd_lightning.module import NonFiniteError, ShapeMismatchError, check_sample_shape
-from dmd_lightning.pair_data import PairsError, write_manifest, write_shard
+from dmd_lightning.data.format import PairsError, write_manifest, write_shard
+from dmd_lightning.data.stream import DMDDataModule
+from dmd_lightning.errors import DataNotFoundError, NonFiniteError, ShapeMismatchError
+from dmd_lightning.fmnist.data import load_fashion_mnist
 
 ROOT = Path(__file__).parents[1]
 

@@ -5,11 +5,17 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import save_file
 
-from dmd_lightning import fmnist
-from dmd_lightning.classifier import FMNISTClassifier
-from dmd_lightning.fid import (
-    FMNIST_EXTRACTOR, INCEPTION_EXTRACTOR, FIDEvaluator, FMNISTFeatureExtractor, ImageDataset, compute_metrics,
-    fidelity_kwargs, gather_samples, reference_cache_name, uint8_to_classifier_input,
+from dmd_lightning.fmnist.classifier import FMNISTClassifier
+from dmd_lightning.fmnist.data import load_fashion_mnist, to_model_space
+from dmd_lightning.fmnist.fid import FMNIST_EXTRACTOR, FIDEvaluator, FMNISTFeatureExtractor, uint8_to_classifier_input
+from dmd_lightning.images import to_uint8
+from dmd_lightning.metrics.fid import (
+    INCEPTION_EXTRACTOR,
+    ImageDataset,
+    compute_metrics,
+    fidelity_kwargs,
+    gather_samples,
+    reference_cache_name,
 )
 
 N = 400
@@ -36,7 +42,7 @@ def weights(tmp_path_factory):
 @pytest.fixture(scope="module")
 def real():
     """Two disjoint sets of Fashion-MNIST test images, uint8 (N, 28, 28)."""
-    images, _ = fmnist.load_fashion_mnist(split="test")
+    images, _ = load_fashion_mnist(split="test")
     return images[:N], images[N:2 * N]
 
 
@@ -56,8 +62,8 @@ def _frechet(f1, f2):
 def test_classifier_input_matches_model_space():
     images = torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8)
     x = uint8_to_classifier_input(images[:, None].expand(-1, 3, -1, -1))
-    assert torch.allclose(x, fmnist.to_model_space(images))
-    assert torch.allclose(uint8_to_classifier_input(fmnist.to_uint8(x)), x)  # 32x32 passes through
+    assert torch.allclose(x, to_model_space(images))
+    assert torch.allclose(uint8_to_classifier_input(to_uint8(x)), x)  # 32x32 passes through
     assert uint8_to_classifier_input(torch.zeros(2, 3, 64, 64, dtype=torch.uint8)).shape == (2, 1, 32, 32)
 
 
@@ -71,8 +77,8 @@ def test_image_dataset_shapes():
 def test_fid_small_for_real_large_for_noise(weights, real):
     a, b = real
     noise = torch.randint(0, 256, (N, 28, 28), dtype=torch.uint8)
-    same = compute_metrics(a, b, weights_path=weights, **FAST)
-    other = compute_metrics(noise, b, weights_path=weights, **FAST)
+    same = compute_metrics(a, b, FMNIST_EXTRACTOR, weights_path=weights, **FAST)
+    other = compute_metrics(noise, b, FMNIST_EXTRACTOR, weights_path=weights, **FAST)
     assert set(same) == {"fid", "kid_mean", "kid_std"}
     assert 0 <= same["fid"] < 0.1 * other["fid"]
     assert same["kid_mean"] < 0.1 * other["kid_mean"]
@@ -81,13 +87,13 @@ def test_fid_small_for_real_large_for_noise(weights, real):
 @pytest.mark.filterwarnings("ignore:Matrix is singular")  # dead ReLU units: singular covariances
 def test_fid_equals_direct_frechet_distance(weights, real):
     a, b = real
-    fid = compute_metrics(a[:, None], b, weights_path=weights, kid=False, cuda=False)["fid"]
+    fid = compute_metrics(a[:, None], b, FMNIST_EXTRACTOR, weights_path=weights, kid=False, cuda=False)["fid"]
     assert fid == pytest.approx(_frechet(_features(weights, a), _features(weights, b)), rel=1e-3)
 
 
 def test_reference_statistics_are_cached(weights, real, tmp_path):
     a, b = real
-    kw = dict(weights_path=weights, cache_dir=str(tmp_path), reference_name="fmnist-test-demo", **FAST)
+    kw = dict(extractor=FMNIST_EXTRACTOR, weights_path=weights, cache_dir=str(tmp_path), reference_name="fmnist-test-demo", **FAST)
     first = compute_metrics(a, b, **kw)
     files = sorted(p.name for p in tmp_path.iterdir())
     name = reference_cache_name("fmnist-test-demo", weights)
@@ -116,7 +122,7 @@ def test_inception_kwargs_pass_local_weights(tmp_path):
     assert kw["feature_extractor"] == INCEPTION_EXTRACTOR
     assert kw["feature_extractor_weights_path"] == str(path)
     assert kw["input2_cache_name"].startswith("ref-") and kw["cache"] and kw["kid_subset_size"] == 10
-    assert not fidelity_kwargs(samples, ref, weights_path=str(path), cuda=False)["cache"]
+    assert not fidelity_kwargs(samples, ref, FMNIST_EXTRACTOR, weights_path=str(path), cuda=False)["cache"]
     with pytest.raises(FileNotFoundError):
         fidelity_kwargs(samples, ref, INCEPTION_EXTRACTOR, weights_path=str(tmp_path / "absent.pth"))
     with pytest.raises(ValueError):
@@ -124,12 +130,12 @@ def test_inception_kwargs_pass_local_weights(tmp_path):
 
 
 def test_fid_evaluator(weights, tmp_path):
-    images, _ = fmnist.load_fashion_mnist(split="test")
+    images, _ = load_fashion_mnist(split="test")
     ev = FIDEvaluator(weights, reference_split="test", cache_dir=str(tmp_path), max_reference=400, kid_subsets=5)
     assert ev.state_dict() == {}
     ev.reset()
     assert ev.compute() == {}
-    x = fmnist.to_model_space(images[1000:1400])  # disjoint from the reference's first 400
+    x = to_model_space(images[1000:1400])  # disjoint from the reference's first 400
     for chunk in x.split(100):
         ev.update(chunk, {})
     good = ev.compute()

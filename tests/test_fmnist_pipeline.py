@@ -45,8 +45,8 @@ def test_fit_validate_and_predict_with_the_real_configs(run):
     assert fit.model.iteration == 2 and "val/fid" in fit.trainer.callback_metrics
     ckpt = next(tmp.rglob("last.ckpt"))
     validate = cli(["validate", *common, "--ckpt_path", str(ckpt)])
-    fid = validate.trainer.callback_metrics["val/fid"]
-    assert torch.isfinite(fid) and fid > 0
+    # the checkpoint holds the EMA generator that the fit's last validation scored, on the same seeds
+    torch.testing.assert_close(validate.trainer.callback_metrics["val/fid"], fit.trainer.callback_metrics["val/fid"])
     cli(["predict", *common, "--ckpt_path", str(ckpt), "--trainer.callbacks.out", str(tmp / "samples.npz")])
     samples = np.load(tmp / "samples.npz")
     assert samples["images"].shape == (40, 32, 32, 1) and samples["images"].dtype == np.uint8

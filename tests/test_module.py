@@ -2,28 +2,15 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_unet
+from conftest import fit, tiny_unet, toy_module
 from lightning import Trainer
 from torch import nn
 
 from dmd_lightning import DMDModule, L2Loss, UNetDenoiser, VPSchedule
-from dmd_lightning.evaluation import Evaluator
-from dmd_lightning.module import NonFiniteError, lr_factor
-from dmd_lightning.toy2d import GaussianMixtureDenoiser, MLPDenoiser, MLPGenerator, ToyDataModule
-
-
-def toy_module(**kw):
-    schedule = VPSchedule()
-    return DMDModule(GaussianMixtureDenoiser(schedule), MLPGenerator(hidden=32), MLPDenoiser(schedule, hidden=32),
-                     regression_loss=L2Loss(), generator_lr=1e-3, fake_lr=1e-3, warmup_steps=2, **kw)
-
-
-def fit(module, max_steps, tmp_path, ckpt_path=None, **kw):
-    trainer = Trainer(max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                      default_root_dir=tmp_path, limit_val_batches=0, accelerator="cpu", **kw)
-    trainer.fit(module, datamodule=ToyDataModule(batch_size=32, pair_batch_size=16, num_pairs=64, sampler_steps=10),
-                ckpt_path=ckpt_path)
-    return trainer
+from dmd_lightning.errors import NonFiniteError
+from dmd_lightning.metrics.evaluation import Evaluator
+from dmd_lightning.optim import lr_factor
+from dmd_lightning.toy2d.mixture import GaussianMixtureDenoiser, MLPDenoiser, MLPGenerator, ToyDataModule
 
 
 def test_generator_and_fake_score_start_as_copies_of_the_frozen_teacher():

@@ -3,7 +3,7 @@ import torch
 
 from dmd_lightning import VPSchedule
 from dmd_lightning.samplers import SCHEDULERS, make_scheduler, sample_ode
-from dmd_lightning.toy2d import GaussianMixtureDenoiser, get_mixture, mode_statistics
+from dmd_lightning.toy2d.mixture import GaussianMixtureDenoiser, get_mixture, mode_statistics
 
 
 @pytest.mark.parametrize("name", sorted(SCHEDULERS))

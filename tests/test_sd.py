@@ -10,12 +10,17 @@ import torch
 
 from dmd_lightning import DMDModule, LPIPSLoss
 from dmd_lightning.cli import DMDTrainer, cli
+from dmd_lightning.data.format import item_noise
 from dmd_lightning.loading import WeightsNotFoundError
-from dmd_lightning.pair_data import item_noise
 from dmd_lightning.samplers import make_scheduler, sample_ode
-from dmd_lightning.sd import DecodedLPIPSLoss, PromptEmbeddings, SDDenoiser, decode_latents, load_vae
-from dmd_lightning.sd_data import (LatentPairDataset, LatentPairGenerationDataModule, SDDMDDataModule,
-                                   TextPairGenerator, read_prompts)
+from dmd_lightning.sd.data import (
+    LatentPairDataset,
+    LatentPairGenerationDataModule,
+    SDDMDDataModule,
+    TextPairGenerator,
+    read_prompts,
+)
+from dmd_lightning.sd.model import DecodedLPIPSLoss, PromptEmbeddings, SDDenoiser, decode_latents, load_vae
 
 PROMPTS = ["a cat", "a red dog", "the sea at night", "two birds", "a tree", "blue sky"]
 MAX_LEN = 16
@@ -119,7 +124,7 @@ def test_prompt_embeddings_are_the_pipelines_and_cached(sd, monkeypatch):
     expected = CLIPTextModel.from_pretrained(sd["pipe"], subfolder="text_encoder")(ids)[0]
     assert emb.dtype == torch.float16 and emb.shape == (3, MAX_LEN, 16)
     torch.testing.assert_close(emb.float(), expected, atol=2e-3, rtol=2e-3)
-    monkeypatch.setattr("dmd_lightning.sd.load_text_encoder", lambda path: pytest.fail("text encoder ran again"))
+    monkeypatch.setattr("dmd_lightning.sd.model.load_text_encoder", lambda path: pytest.fail("text encoder ran again"))
     assert torch.equal(cache.load(PROMPTS[:3]), emb)
     assert cache.path(PROMPTS[:2]) != cache.path(PROMPTS[:3])
 
@@ -182,7 +187,8 @@ def test_validate_decodes_resizes_and_calls_fidelity_with_local_inception(sd, te
     import torch_fidelity
     from PIL import Image
 
-    from dmd_lightning.sd_eval import TextToImageEvaluator, to_uint8
+    from dmd_lightning.images import to_uint8
+    from dmd_lightning.sd.eval import TextToImageEvaluator
 
     refs = tmp_path / "refs"
     refs.mkdir()
@@ -284,7 +290,7 @@ def test_sd15_config_fits_with_the_tiny_pipeline(sd, pairs, tmp_path):
 def test_sample_writer_decodes_latents_and_keeps_the_prompts(sd, tmp_path, suffix):
     from types import SimpleNamespace
 
-    from dmd_lightning.fmnist import to_uint8
+    from dmd_lightning.images import to_uint8
     from dmd_lightning.predict import SampleWriter
 
     out = tmp_path / f"samples{suffix}"

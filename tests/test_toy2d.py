@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from dmd_lightning import VPSchedule
-from dmd_lightning.toy2d import GaussianMixtureDenoiser, get_mixture, mode_statistics, sample_mixture
-from dmd_lightning.toy2d_report import main as toy_report
+from dmd_lightning.toy2d.mixture import GaussianMixtureDenoiser, get_mixture, mode_statistics, sample_mixture
+from dmd_lightning.toy2d.report import main as toy_report
 
 
 def log_density(x_t, alpha, sigma, means, weights, std):

@@ -1,10 +1,10 @@
 """dmd-lightning: One-step Diffusion with Distribution Matching Distillation (DMD, DMD2) in PyTorch Lightning."""
 
-from .denoisers import Denoiser, PretrainedUNetDenoiser, UNetDenoiser, guided
-from .generator import OneStepGenerator
-from .losses import L2Loss, LPIPSLoss, PseudoHuberLoss, denoising_loss, distribution_matching_loss
-from .module import DMDModule
-from .schedule import VPSchedule
+from dmd_lightning.denoisers import Denoiser, PretrainedUNetDenoiser, UNetDenoiser, guided
+from dmd_lightning.generator import OneStepGenerator
+from dmd_lightning.losses import L2Loss, LPIPSLoss, PseudoHuberLoss, denoising_loss, distribution_matching_loss
+from dmd_lightning.module import DMDModule
+from dmd_lightning.schedule import VPSchedule
 
 __all__ = [
     "DMDModule",

@@ -35,7 +35,7 @@ elsewhere, and so that loading one never runs pickle code:
 A tensor too large for the space left in a file is split, as flat contiguous chunks, across files. A folder is
 written as `.NAME.tmp-PID` beside its destination, fsynced, then swapped in: an existing `NAME` is renamed to
 `.NAME.old`, the new folder to `NAME`, and `.NAME.old` is removed. A crash between the two renames leaves only
-`.NAME.old`; loading `NAME` then reads that, and `ModelCheckpoint` offers it to `ckpt_path="last"`.
+`.NAME.old`; loading `NAME` then reads that, and `find_last_checkpoint` offers it to `--ckpt_path last`.
 `save_sharded` / `load_sharded` are the same storage as plain functions, for code outside the Trainer.
 """
 
@@ -60,7 +60,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpo
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError
+from dmd_lightning.errors import CheckpointError
 
 _POST_STEP_WARNING = "Using ModelCheckpoint with manual optimization and every_n_train_steps"
 
@@ -91,9 +91,10 @@ class ModelCheckpoint(LightningModelCheckpoint):
         self.signum: int | None = None  # the signal received
         self._stopping: Stopped | None = None  # raised at the next hook once last.ckpt is saved
         self._handlers: dict = {}
+        self._saved_step: int | None = None  # global step of the newest checkpoint this run wrote
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        self.signum, self._stopping = None, None
+        self.signum, self._stopping, self._saved_step = None, None, None
         if self.stop_on_signal and threading.current_thread() is threading.main_thread():
             self._handlers = {s: signal.signal(s, self._notice) for s in (signal.SIGTERM, signal.SIGINT)}
 
@@ -121,10 +122,7 @@ class ModelCheckpoint(LightningModelCheckpoint):
         # every rank must stop at the same step; the signal may have reached only some of them
         if self._stopping is not None or not trainer.strategy.reduce_boolean_decision(self.signum is not None, all=False):
             return
-        path = self.format_checkpoint_name(self._monitor_candidates(trainer), self.CHECKPOINT_NAME_LAST)
-        if self._last_global_step_saved != trainer.global_step or not os.path.lexists(path):
-            trainer.save_checkpoint(path)
-            self._last_global_step_saved = trainer.global_step
+        path = self._save_last(trainer)
         self._stopping = Stopped(self.signum or signal.SIGTERM, path, trainer.global_step)
 
     def _stop_if_saved(self) -> None:
@@ -149,16 +147,21 @@ class ModelCheckpoint(LightningModelCheckpoint):
             self._save_if_signalled(trainer)
             self._stop_if_saved()
 
-    def on_train_end(self, trainer, pl_module) -> None:
-        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-        super().on_train_end(trainer, pl_module)
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        self._saved_step = trainer.global_step
 
-    def _find_last_checkpoints(self, trainer) -> set[str]:
-        """Also `.last.ckpt.old` where a crash in ShardedCheckpointIO's swap left no `last.ckpt` beside it."""
-        found = super()._find_last_checkpoints(trainer)
-        folder = self.dirpath or self._ModelCheckpoint__resolve_ckpt_dir(trainer)  # dirpath is set in setup(), later
-        return found | set(_lost_lasts(folder))
+    def on_train_end(self, trainer, pl_module) -> None:
+        # instead of Lightning's, which skips it after any periodic `last` save of this run; saved even at the
+        # step of a periodic save, since callbacks' states (the teacher's wall time) change after it
+        if self.save_last and not trainer.fast_dev_run:
+            trainer.save_checkpoint(self.format_checkpoint_name({}, self.CHECKPOINT_NAME_LAST))
+
+    def _save_last(self, trainer) -> str:
+        """`last.ckpt` at this step, unless a checkpoint of this step is already there."""
+        path = self.format_checkpoint_name({}, self.CHECKPOINT_NAME_LAST)
+        if self._saved_step != trainer.global_step or not os.path.lexists(path):
+            trainer.save_checkpoint(path)
+        return path
 
 
 _LAST = re.compile(r"^last(-v\d+)?\.ckpt$")

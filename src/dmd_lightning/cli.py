@@ -15,8 +15,8 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from .checkpoint import CheckpointIO, Stopped, find_last_checkpoint, load_checkpoint_file
-from .errors import CheckpointError, ConfigError
+from dmd_lightning.checkpoint import CheckpointIO, Stopped, find_last_checkpoint, load_checkpoint_file
+from dmd_lightning.errors import CheckpointError, ConfigError, DataNotFoundError, NonFiniteError
 
 
 class DMDTrainer(Trainer):
@@ -25,10 +25,10 @@ class DMDTrainer(Trainer):
     def pairs(self, model: LightningModule, datamodule: LightningDataModule, ckpt_path: str | None = None) -> None:
         """Generate noise-image regression pairs with the teacher's deterministic sampler.
 
-        Needs a dmd_lightning.pairs.PairGenerator model and a PairGenerationDataModule; shards already in
+        Needs a dmd_lightning.data.generation.PairGenerator model and a PairGenerationDataModule; shards already in
         the datamodule's `out_dir` are skipped.
         """
-        from .pairs import PairWriter
+        from dmd_lightning.data.generation import PairWriter
 
         others = [c for c in self.callbacks if not isinstance(c, PairWriter)]
         self.callbacks = others + [PairWriter(datamodule.out_dir, dtype=datamodule.dtype)]
@@ -43,7 +43,7 @@ class DMDTrainer(Trainer):
         encoder and tokenizer come from the teacher's folder (or `teacher_path`). The pipeline takes exactly one
         step: `pipe(prompt, num_inference_steps=1, guidance_scale=1.0)`. dtype: float32, float16 or bfloat16.
         """
-        from .export import export_module
+        from dmd_lightning.sd.export import export_module
 
         if ckpt_path is not None:
             checkpoint = self.strategy.checkpoint_io.load_checkpoint(ckpt_path)
@@ -117,7 +117,7 @@ class DMDCLI(LightningCLI):
     before_fit = before_validate = before_test = before_predict = resolve_ckpt_path
 
     def before_export(self) -> None:
-        from .export import generator_unet
+        from dmd_lightning.sd.export import generator_unet
 
         generator_unet(self.model.generator_ema)  # a model that cannot be exported is refused first
         self.resolve_ckpt_path()
@@ -142,12 +142,10 @@ def main(args: list[str] | None = None) -> None:
     training), files that cannot be read or written, and Lightning's configuration errors (e.g. a GPU asked for
     where none exists) end with one line `error: ...`, exit code 2. A stop on SIGTERM / SIGINT, after saving
     `last.ckpt`, ends with one line and exit code 128 + the signal's number, so that schedulers requeue the job."""
-    from .fmnist import DataNotFoundError
-    from .loading import WeightsNotFoundError
-    from .module import NonFiniteError, ShapeMismatchError
-    from .pair_data import PairsError
+    from dmd_lightning.data.format import PairsError
+    from dmd_lightning.loading import WeightsNotFoundError
 
-    own = (ConfigError, PairsError, WeightsNotFoundError, DataNotFoundError, ShapeMismatchError, NonFiniteError,
+    own = (ConfigError, PairsError, WeightsNotFoundError, DataNotFoundError, NonFiniteError,
            MisconfigurationException, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
     try:
         cli(args)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .schedule import VPSchedule
+from dmd_lightning.schedule import VPSchedule
 
 
 class Denoiser(nn.Module):
@@ -89,7 +89,7 @@ class PretrainedUNetDenoiser(UNetDenoiser):
     def __init__(self, path: str | Path, gradient_checkpointing: bool = False):
         from diffusers import UNet2DModel
 
-        from .loading import load_pretrained, scheduler_folder, unet_folder
+        from dmd_lightning.loading import load_pretrained, scheduler_folder, unet_folder
 
         root = str(path)
         unet = load_pretrained(UNet2DModel, root, unet_folder(root))

@@ -18,6 +18,18 @@ class CheckpointError(ConfigError):
     """A checkpoint path that is missing, not a checkpoint, or a checkpoint of another model."""
 
 
+class NonFiniteError(RuntimeError):
+    """A loss or gradient was NaN/inf and the module was told to stop."""
+
+
+class ShapeMismatchError(ConfigError):
+    """The data's sample shape does not fit the teacher."""
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A data set's files are not where the config says."""
+
+
 def check(ok: bool, key: str, value: Any, need: str) -> None:
     """ConfigError `key=value: need` unless ok."""
     if not ok:

@@ -8,8 +8,8 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from .denoisers import Denoiser
-from .schedule import VPSchedule
+from dmd_lightning.denoisers import Denoiser
+from dmd_lightning.schedule import VPSchedule
 
 
 class OneStepGenerator(nn.Module):

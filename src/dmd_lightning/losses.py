@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .denoisers import Denoiser, guided
-from .errors import ConfigError
-from .schedule import expand_like
+from dmd_lightning.denoisers import Denoiser, guided
+from dmd_lightning.errors import ConfigError
+from dmd_lightning.schedule import expand_like
 
 
 def _per_sample_mean(x: Tensor) -> Tensor:

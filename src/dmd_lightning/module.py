@@ -3,71 +3,51 @@
 from __future__ import annotations
 
 import copy
-import math
-import random
-import warnings
 
-import numpy as np
 import torch
 from lightning import LightningModule
-from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 
-from .denoisers import Denoiser
-from .ema import ema_tensors, ema_update, warmup_decay
-from .errors import CheckpointError, ConfigError, check, check_choice, check_fraction_range, check_int, check_number
-from .evaluation import Evaluator
-from .generator import OneStepGenerator, error_gain
-from .losses import denoising_loss, distribution_matching_loss
-
-
-class NonFiniteError(RuntimeError):
-    """A loss or gradient was NaN/inf and the module was told to stop."""
-
-
-class ShapeMismatchError(ValueError):
-    """The data's sample shape does not fit the teacher."""
+from dmd_lightning.checks import (
+    check_dmd_arguments,
+    check_labels,
+    check_same_model,
+    check_sample_shape,
+    is_finite_module,
+    warn_error_gain,
+)
+from dmd_lightning.denoisers import Denoiser
+from dmd_lightning.ema import ema_tensors, ema_update, warmup_decay
+from dmd_lightning.errors import CheckpointError, ConfigError, NonFiniteError
+from dmd_lightning.generator import OneStepGenerator
+from dmd_lightning.losses import denoising_loss, distribution_matching_loss
+from dmd_lightning.metrics.evaluation import Evaluator
+from dmd_lightning.optim import lr_factor, make_adamw
+from dmd_lightning.rng import rng_states, set_rng_states
 
 
 class DMDModule(LightningModule):
     """Distribution Matching Distillation with manual optimization.
 
-    One training iteration: (every `fake_updates_per_generator_update`-th iteration) a generator update by
-    the distribution-matching loss plus `regression_weight` x the regression loss on noise-image pairs, then a
-    fake-score update by the denoising loss on the generator's detached samples. With two optimizers,
-    Lightning's `global_step` (and `max_steps`) counts optimizer steps of both networks together: an
-    iteration costs 2 steps when the generator updates and 1 when only the fake score does.
+    One iteration: on every `fake_updates_per_generator_update`-th, a generator update by the DM loss plus
+    `regression_weight` x the regression loss on noise-image pairs; then a fake-score update by the denoising
+    loss on the generator's detached samples at t ~ U[fake_t_range * T]. `global_step` (and `max_steps`) counts
+    optimizer steps of both networks: 2 per iteration with a generator update, 1 without.
 
-    The generator is a copy of the teacher that reads pure noise at the last timestep (DMD Sec. 3.1); a teacher
-    whose x0-prediction is well conditioned there (v-prediction on a zero-terminal-SNR schedule) makes that a
-    good start. The Fashion-MNIST teacher v1 (epsilon, linear schedule) needed workarounds that are gone:
-    docs/teacher.md.
+    The generator is a copy of the teacher reading pure noise at t = T-1 (DMD Sec. 3.1), which needs a teacher
+    whose x0-prediction is well conditioned there (v-prediction on a zero-terminal-SNR schedule; docs/teacher.md).
+    Its EMA warms up (update n uses min(ema_decay, (1 + n) / (10 + n))) unless `ema_warmup=False`. Each lr warms
+    up over `warmup_steps` updates, then stays or (`lr_decay="cosine"`) decays to `min_lr_ratio` x lr by
+    `decay_steps` generator updates (default: from max_steps). Validation scores the EMA generator (`val/...`)
+    and, with `validate_raw`, the raw one (`val/raw/...`).
 
-    The generator's EMA (`ema_decay`) warms up unless `ema_warmup=False`: update n uses
-    min(ema_decay, (1 + n) / (10 + n)), so that a short run's EMA is not mostly the initialization (at 0.995
-    without it, the teacher copy still weighs 0.22 after 300 updates).
+    A non-finite loss or gradient skips the update (`on_nonfinite="skip"`) or stops (`"stop"`); after
+    `max_consecutive_skips` skips in a row training stops. Ablations (paper Table 2): `dm_weight=0` is
+    regression only, `use_fake_score=False` the real score alone, `regression_loss=None` DMD without regression.
 
-    The fake score learns the generator's samples at t ~ U[fake_t_range * T], the whole range by default
-    (DMD); the DM loss only asks it at t_range, where a narrower fake_t_range spends all its updates.
-
-    Each network's lr warms up linearly over its first `warmup_steps` updates; `lr_decay="cosine"` then
-    decays both to `min_lr_ratio` x their value by `decay_steps` generator updates (default: the trainer's
-    max_steps; the fake score's decay keeps pace with the generator's). On Fashion-MNIST the decay did not
-    calm the raw generator's swings (README).
-
-    Validation scores the EMA generator (`val/<metric>`); `validate_raw` also scores the raw one
-    (`val/raw/<metric>`) with a copy of the evaluator: the two differ most when the learning rate is too high.
-
-    A non-finite loss or gradient skips the update (`on_nonfinite="skip"`) or stops (`"stop"`); skipped updates
-    do not count towards max_steps, so after `max_consecutive_skips` of them in a row training stops with one line.
-
-    Ablations (paper Table 2): `dm_weight=0` is regression only; `use_fake_score=False` is the real score
-    alone; `regression_loss=None` is DMD without regression.
-
-    The losses' t and eps come from the module's own generator (seeded by `torch.initial_seed()`), drawn for
-    the global batch of all ranks, each rank using its slice: a DDP run matches a single process with the
-    global batch, and the generator's state is checkpointed, so a resumed run continues the same trajectory.
-    Checkpoints also hold the global torch / numpy / python RNG states, restored before the first resumed step.
+    The losses' t and eps come from the module's own generator, drawn for the global batch of all ranks, each
+    rank using its slice: a DDP run matches one process with the global batch. That generator's state and the
+    global RNG states are checkpointed, so a resumed run continues the same trajectory.
     """
 
     def __init__(
@@ -101,17 +81,10 @@ class DMDModule(LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["teacher", "generator", "fake_score", "regression_loss", "evaluator"])
-        check_arguments(self.hparams)
+        check_dmd_arguments(self.hparams)
         self.automatic_optimization = False
-        _, t_max = teacher.schedule.t_bounds(*t_range)
-        # the fake score as DMD builds it, a fine-tuned copy of the teacher (its own networks are the user's call)
-        if fake_score is None and dm_weight > 0 and (gain := error_gain(teacher.schedule, t_max)) > 50:
-            warnings.warn(
-                f"the DM loss reaches t = {t_max}, where the denoisers' x0-predictions multiply their "
-                f"{teacher.schedule.prediction_type} differences by {gain:.0f}: the fake score's fitting noise can "
-                "dominate the gradient. Consider a lower t_range upper bound (0.5 on the linear DDPM schedule).",
-                stacklevel=2,
-            )
+        if fake_score is None and dm_weight > 0:  # the fake score as DMD builds it: a fine-tuned teacher copy
+            warn_error_gain(teacher.schedule, t_range)
         self.teacher = teacher.requires_grad_(False).eval()
         self.generator = generator if generator is not None else OneStepGenerator.from_teacher(teacher)
         self.fake_score = fake_score if fake_score is not None else copy.deepcopy(teacher).requires_grad_(True)
@@ -135,11 +108,6 @@ class DMDModule(LightningModule):
         return self
 
     def setup(self, stage: str) -> None:
-        # Each backward pass reaches one network only (see training_step), so DDP must look for unused
-        # parameters; otherwise it waits for the other network's gradients and fails. Set before DDP wraps us.
-        ddp_kwargs = getattr(self.trainer.strategy, "_ddp_kwargs", None)
-        if isinstance(self.trainer.strategy, DDPStrategy) and ddp_kwargs is not None:
-            ddp_kwargs["find_unused_parameters"] = True
         shape = getattr(getattr(self.trainer, "datamodule", None), "sample_shape", None)
         if shape is not None:
             check_sample_shape(self.teacher, tuple(shape))
@@ -227,7 +195,7 @@ class DMDModule(LightningModule):
     def _logs_now(self) -> bool:
         """Lightning writes step metrics every `log_every_n_steps` only; the self.log calls in between cost
         time for nothing (about 12% of a small network's iteration), so they are skipped."""
-        return self._trainer is None or self.trainer._logger_connector.should_update_logs
+        return self._trainer is None or self.iteration % self.trainer.log_every_n_steps == 0
 
     def _draw(self, x: Tensor, schedule, t_range: tuple[float, float]) -> tuple[Tensor, Tensor]:
         """t ~ U[t_range * T] (B,) and eps ~ N(0, I) like x, this rank's slice of a draw for the global batch."""
@@ -351,113 +319,5 @@ class DMDModule(LightningModule):
         return state
 
 
-def check_arguments(hp) -> None:
-    """ConfigError naming the first of DMDModule's arguments that cannot work."""
-    check_number("guidance_scale", hp.guidance_scale, 0.0)
-    for key in ("regression_weight", "dm_weight", "weight_decay", "gradient_clip"):
-        check_number(key, hp[key], 0.0, low_open=key == "gradient_clip")
-    check_int("fake_updates_per_generator_update", hp.fake_updates_per_generator_update)
-    check_fraction_range("t_range", hp.t_range)
-    check_fraction_range("fake_t_range", hp.fake_t_range)
-    for key in ("generator_lr", "fake_lr"):
-        check_number(key, hp[key], 0.0, low_open=True)
-    check(isinstance(hp.betas, (list, tuple)) and len(hp.betas) == 2 and all(
-        isinstance(b, (int, float)) and 0 <= b < 1 for b in hp.betas), "betas", hp.betas, "must be two numbers in [0, 1)")
-    check_int("warmup_steps", hp.warmup_steps, 0)
-    check_choice("lr_decay", hp.lr_decay, ("constant", "cosine"))
-    check_int("decay_steps", hp.decay_steps, 1, allow_none=True)
-    check_number("min_lr_ratio", hp.min_lr_ratio, 0.0, 1.0)
-    check_number("ema_decay", hp.ema_decay, 0.0, 1.0)
-    check_choice("on_nonfinite", hp.on_nonfinite, ("skip", "stop"))
-    check_int("max_consecutive_skips", hp.max_consecutive_skips)
-
-
-def check_same_model(own: dict, state: dict) -> None:
-    """CheckpointError, before Lightning's strict load, when a checkpoint's weights are not this model's."""
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        parts = [f"{len(v)} {what} (first: {v[0]})" for what, v in (("missing weights", missing),
-                 ("unexpected weights", unexpected), ("of other shapes, checkpoint vs model", shapes)) if v]
-        raise CheckpointError(f"the checkpoint is not of this model: {'; '.join(parts)}; use the config it was "
-                              "trained with")
-
-
-def check_labels(teacher: Denoiser, num_classes: int | None) -> None:
-    """ConfigError when the data's labels 0..num_classes-1 reach the teacher's null label (classifier-free
-    guidance's "no label") or beyond its class embedding."""
-    null = getattr(teacher, "null_label", None)
-    if num_classes is not None and null is not None and num_classes > null:
-        raise ConfigError(f"num_classes={num_classes}: the data's labels reach {num_classes - 1}, but the teacher "
-                          f"embeds labels 0..{null - 1} and uses {null} as its null label; set data num_classes "
-                          f"<= {null}")
-
-
 # state-dict prefixes of the networks that never train: left out of checkpoints
 FROZEN = ("teacher.", "regression_loss.", "evaluator.", "evaluator_raw.")
-
-
-def lr_factor(step: int, warmup_steps: int, decay_steps: int | None = None, min_ratio: float = 0.0) -> float:
-    """The lr multiplier after `step` updates: linear warm-up over `warmup_steps`, then constant, or with
-    `decay_steps` a half cosine from 1 at the warm-up's end to `min_ratio` at `decay_steps` (and after)."""
-    warm = min(1.0, (step + 1) / max(1, warmup_steps))
-    if decay_steps is None or step < warmup_steps:
-        return warm
-    progress = min(1.0, (step - warmup_steps) / max(1, decay_steps - warmup_steps))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def make_adamw(params, lr: float, betas: tuple[float, float], weight_decay: float) -> torch.optim.AdamW:
-    """AdamW, fused where every parameter allows it (CPU and CUDA floating tensors): one kernel for all
-    tensors instead of a Python loop over them, 5x faster on the CPU for a UNet of ~700 tensors."""
-    params = list(params)
-    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused or None)
-
-
-def is_finite_module(net: nn.Module) -> bool:
-    return all(bool(torch.isfinite(p.detach()).all()) for p in net.parameters())
-
-
-def rng_states() -> dict:
-    """torch, CUDA, numpy and python RNG states, as tensors and plain types (loadable with weights_only=True)."""
-    _, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
-            "python": random.getstate()}
-
-
-def set_rng_states(states: dict) -> None:
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-    keys, pos, has_gauss, gauss = states["numpy"]
-    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    version, internal, gauss_next = states["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-
-
-def check_sample_shape(teacher: Denoiser, shape: tuple[int, ...]) -> None:
-    """ShapeMismatchError naming both shapes when data of `shape` (C, H, W) cannot go through a UNet teacher.
-
-    Channels must match; a pixel-space UNet2DModel needs its sample_size, a text-conditional UNet (latents)
-    a size divisible by its total downsampling."""
-    unet = getattr(teacher, "unet", None)
-    config = getattr(unet, "config", None)
-    if config is None or "in_channels" not in config:
-        return
-    size = config.get("sample_size")
-    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-    want = (config["in_channels"], *size)
-    text = getattr(teacher, "text_conditional", False)
-    factor = 2 ** (len(config.get("block_out_channels", [0])) - 1)
-    fits = len(shape) == 3 and shape[0] == want[0] and (
-        all(s % factor == 0 for s in shape[1:]) if text else tuple(shape[1:]) == size)
-    if not fits:
-        need = f"(C, H, W) = {want}" if not text else f"{want[0]} channels and H, W divisible by {factor}"
-        raise ShapeMismatchError(f"the data's samples have shape {tuple(shape)} but the teacher "
-                                 f"{type(unet).__name__} takes {need}; fix the data (pairs made by this "
-                                 "teacher) or the teacher")

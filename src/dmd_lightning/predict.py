@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from .fmnist import to_uint8
+from dmd_lightning.images import to_uint8
 
 
 class SampleWriter(BasePredictionWriter):
@@ -33,7 +33,7 @@ class SampleWriter(BasePredictionWriter):
     def to_images(self, x: torch.Tensor) -> torch.Tensor:
         if self.vae_path is None:
             return x
-        from .sd import decode_latents, load_vae
+        from dmd_lightning.sd.model import decode_latents, load_vae
 
         if self._vae is None:
             self._vae = load_vae(self.vae_path, self.decoder).requires_grad_(False).eval()

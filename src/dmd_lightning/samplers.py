@@ -12,8 +12,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .denoisers import Denoiser, guided
-from .errors import ConfigError
+from dmd_lightning.denoisers import Denoiser, guided
+from dmd_lightning.errors import ConfigError
 
 SCHEDULERS = {
     "ddim": ("DDIMScheduler", {"clip_sample": False}),

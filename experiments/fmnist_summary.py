@@ -1,0 +1,99 @@
+"""The teacher's FID from its pairs, and the grid and table of the variants of experiments/fmnist_results.sh.
+
+python experiments/fmnist_summary.py teacher PAIRS_DIR OUT_JSON        FID/KID of the pairs' teacher images
+python experiments/fmnist_summary.py grid PAIRS_DIR OUT_PNG RUN_DIR...  rows: teacher (the pairs' sampler), then each
+                                                                   run's EMA generator; same seeds and labels
+python experiments/fmnist_summary.py table WORK                        markdown: the runs of experiments/fmnist_results.sh
+                                                                   (WORK/runs/*/result.json, the FID curve from
+                                                                   their TensorBoard events) beside the teacher
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from dmd_lightning import PretrainedUNetDenoiser
+from dmd_lightning.data.format import PairDataset
+from dmd_lightning.data.stream import DMDDataModule
+from dmd_lightning.fmnist.fid import FIDEvaluator
+from dmd_lightning.images import to_uint8
+from dmd_lightning.samplers import make_scheduler, sample_ode
+
+
+def config_evaluator() -> FIDEvaluator:
+    """configs/fmnist.yaml's evaluator, so that the reference statistics are cached once for every run."""
+    config = yaml.safe_load(Path("configs/fmnist.yaml").read_text())
+    return FIDEvaluator(**config["model"]["init_args"]["evaluator"]["init_args"])
+
+
+def teacher(pairs_dir: str, out_json: str) -> dict:
+    pairs = PairDataset(pairs_dir)
+    evaluator = config_evaluator()
+    evaluator.reset()
+    evaluator.update(pairs.x[:len(pairs)].float())
+    m = pairs.manifest
+    result = {"samples": len(pairs), "sampler": m["sampler"], "num_steps": m["num_steps"], **evaluator.compute()}
+    Path(out_json).write_text(json.dumps(result, indent=2))
+    print("TEACHER", json.dumps(result), flush=True)
+    return result
+
+
+@torch.no_grad()
+def grid(pairs_dir: str, out_png: str, *run_dirs: str) -> None:
+    from torchvision.utils import save_image
+
+    m = PairDataset(pairs_dir).manifest
+    dm = DMDDataModule(pairs_dir)  # the default validation seeds and labels, as in the runs
+    dm.setup("validate")
+    b = dm.val_batches()[0]
+    rows = [torch.load(Path(run) / "samples.pt", weights_only=True) for run in run_dirs]
+    n = len(rows[0])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    net = PretrainedUNetDenoiser(m["teacher"]).to(device).eval()
+    z, cond = b["z"][:n].to(device), b["cond"][:n].to(device)
+    x = sample_ode(net, z, make_scheduler(m["sampler"], net.schedule.config), m["num_steps"], cond)
+    images = torch.cat([to_uint8(x).cpu(), *rows]).float().div(255)
+    save_image(images, out_png, nrow=n, padding=2, pad_value=1.0)
+
+
+def fid_curve(run_dir: Path) -> list[tuple[int, float]]:
+    """(iteration, EMA val/fid) of every validation during training, from the run's TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    curve = {}
+    for f in sorted(run_dir.glob("version_*/events.out.tfevents*")):
+        ea = EventAccumulator(str(f))
+        ea.Reload()
+        tags = ea.Tags()["scalars"]
+        if "val/fid" in tags and "train/iteration" in tags:
+            its = ea.Scalars("train/iteration")
+            for e in ea.Scalars("val/fid"):  # val/fid is logged at a global step; the iteration logged nearest it
+                curve[int(min(its, key=lambda i: abs(i.step - e.step)).value)] = round(e.value, 2)
+    return sorted(curve.items())
+
+
+def table(work: str) -> str:
+    work = Path(work)
+    t = json.loads((work / "teacher_pairs.json").read_text())
+    lines = [f"| model | iterations | FID (report seeds) | KID | FID (validation seeds) | / teacher | EMA FID every 100 iterations |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+             f"| teacher, {t['sampler']} {t['num_steps']} steps (its pairs) | | {t['fid']:.2f} | {t['kid']:.4f} | | 1.00 | |"]
+    for run in sorted((work / "runs").iterdir()):
+        if not (run / "result.json").is_file():
+            continue
+        r = json.loads((run / "result.json").read_text())
+        curve = ", ".join(f"{v:g}" for _, v in fid_curve(run))
+        lines.append(f"| {run.name} | {r['iterations']} | {r['test/fid']:.2f} | {r['test/kid']:.4f} | {r['val/fid']:.2f} "
+                     f"| {r['test/fid'] / t['fid']:.2f} | {curve} |")
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    {"teacher": teacher, "grid": grid, "table": table}[sys.argv[1]](*sys.argv[2:])

@@ -1,0 +1,105 @@
+"""Checks that fail early, in one line, when settings, data, teacher and checkpoints do not fit together."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from dmd_lightning.denoisers import Denoiser
+from dmd_lightning.errors import (
+    CheckpointError,
+    ConfigError,
+    ShapeMismatchError,
+    check,
+    check_choice,
+    check_fraction_range,
+    check_int,
+    check_number,
+)
+from dmd_lightning.generator import error_gain
+from dmd_lightning.schedule import VPSchedule
+
+
+def check_dmd_arguments(hp) -> None:
+    """ConfigError naming the first of DMDModule's arguments that cannot work."""
+    check_number("guidance_scale", hp.guidance_scale, 0.0)
+    for key in ("regression_weight", "dm_weight", "weight_decay", "gradient_clip"):
+        check_number(key, hp[key], 0.0, low_open=key == "gradient_clip")
+    check_int("fake_updates_per_generator_update", hp.fake_updates_per_generator_update)
+    check_fraction_range("t_range", hp.t_range)
+    check_fraction_range("fake_t_range", hp.fake_t_range)
+    for key in ("generator_lr", "fake_lr"):
+        check_number(key, hp[key], 0.0, low_open=True)
+    check(isinstance(hp.betas, (list, tuple)) and len(hp.betas) == 2 and all(
+        isinstance(b, (int, float)) and 0 <= b < 1 for b in hp.betas), "betas", hp.betas, "must be two numbers in [0, 1)")
+    check_int("warmup_steps", hp.warmup_steps, 0)
+    check_choice("lr_decay", hp.lr_decay, ("constant", "cosine"))
+    check_int("decay_steps", hp.decay_steps, 1, allow_none=True)
+    check_number("min_lr_ratio", hp.min_lr_ratio, 0.0, 1.0)
+    check_number("ema_decay", hp.ema_decay, 0.0, 1.0)
+    check_choice("on_nonfinite", hp.on_nonfinite, ("skip", "stop"))
+    check_int("max_consecutive_skips", hp.max_consecutive_skips)
+
+
+def check_same_model(own: dict, state: dict) -> None:
+    """CheckpointError, before Lightning's strict load, when a checkpoint's weights are not this model's."""
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = [f"{len(v)} {what} (first: {v[0]})" for what, v in (("missing weights", missing),
+                 ("unexpected weights", unexpected), ("of other shapes, checkpoint vs model", shapes)) if v]
+        raise CheckpointError(f"the checkpoint is not of this model: {'; '.join(parts)}; use the config it was "
+                              "trained with")
+
+
+def check_labels(teacher: Denoiser, num_classes: int | None) -> None:
+    """ConfigError when the data's labels 0..num_classes-1 reach the teacher's null label (classifier-free
+    guidance's "no label") or beyond its class embedding."""
+    null = getattr(teacher, "null_label", None)
+    if num_classes is not None and null is not None and num_classes > null:
+        raise ConfigError(f"num_classes={num_classes}: the data's labels reach {num_classes - 1}, but the teacher "
+                          f"embeds labels 0..{null - 1} and uses {null} as its null label; set data num_classes "
+                          f"<= {null}")
+
+
+def is_finite_module(net: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p.detach()).all()) for p in net.parameters())
+
+
+def check_sample_shape(teacher: Denoiser, shape: tuple[int, ...]) -> None:
+    """ShapeMismatchError naming both shapes when data of `shape` (C, H, W) cannot go through a UNet teacher.
+
+    Channels must match; a pixel-space UNet2DModel needs its sample_size, a text-conditional UNet (latents)
+    a size divisible by its total downsampling."""
+    unet = getattr(teacher, "unet", None)
+    config = getattr(unet, "config", None)
+    if config is None or "in_channels" not in config:
+        return
+    size = config.get("sample_size")
+    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+    want = (config["in_channels"], *size)
+    text = getattr(teacher, "text_conditional", False)
+    factor = 2 ** (len(config.get("block_out_channels", [0])) - 1)
+    fits = len(shape) == 3 and shape[0] == want[0] and (
+        all(s % factor == 0 for s in shape[1:]) if text else tuple(shape[1:]) == size)
+    if not fits:
+        need = f"(C, H, W) = {want}" if not text else f"{want[0]} channels and H, W divisible by {factor}"
+        raise ShapeMismatchError(f"the data's samples have shape {tuple(shape)} but the teacher "
+                                 f"{type(unet).__name__} takes {need}; fix the data (pairs made by this "
+                                 "teacher) or the teacher")
+
+
+def warn_error_gain(schedule: VPSchedule, t_range: tuple[float, float]) -> None:
+    """Warns when the DM loss reaches timesteps where the denoisers' x0-predictions amplify their raw-output
+    differences more than 50x (an epsilon teacher near the end of a schedule without zero terminal SNR): the
+    fake score's fitting noise can then dominate the gradient."""
+    _, t_max = schedule.t_bounds(*t_range)
+    if (gain := error_gain(schedule, t_max)) > 50:
+        warnings.warn(f"the DM loss reaches t = {t_max}, where the denoisers' x0-predictions multiply their "
+                      f"{schedule.prediction_type} differences by {gain:.0f}: the fake score's fitting noise can "
+                      "dominate the gradient. Consider a lower t_range upper bound (0.5 on the linear DDPM schedule).",
+                      stacklevel=3)

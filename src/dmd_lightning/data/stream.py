@@ -1,0 +1,141 @@
+"""DMDDataModule: each training step, a regression batch of teacher pairs and a DM batch of fresh noise."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+from lightning import LightningDataModule
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
+
+from dmd_lightning.data.format import PairDataset, PairsError
+from dmd_lightning.errors import ConfigError, check_int
+
+
+class GlobalBatchStream(IterableDataset):
+    """Endless training batches, sharded by rank as slices of one global stream.
+
+    Global batch k comes from a generator seeded by (seed, k); `make(g, world_size)` draws it at world_size
+    times the per-device sizes and this rank serves slice `rank` of every tensor. So a DDP run sees exactly
+    the batches of a single process with world_size x the batch, and batch k never depends on what came
+    before: a resumed run starts at `start()`, the datamodule's count of consumed batches.
+    """
+
+    def __init__(self, make: Callable[[torch.Generator, int], dict[str, Tensor]], seed: int, rank: int, world: int,
+                 start: Callable[[], int]):
+        if not 0 <= seed < 2**31:
+            raise ConfigError(f"need 0 <= seed < 2**31, got {seed}")
+        self.make, self.seed, self.rank, self.world, self.start = make, seed, rank, world, start
+
+    def global_batch(self, k: int) -> dict[str, Tensor]:
+        return self.make(torch.Generator().manual_seed(self.seed * 2**32 + k), self.world)
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        k = self.start()
+        while True:
+            yield {key: v.chunk(self.world)[self.rank] for key, v in self.global_batch(k).items()}
+            k += 1
+
+
+class StreamDataModule(LightningDataModule):
+    """A datamodule whose training data is a GlobalBatchStream; `position` (training batches consumed) is
+    checkpointed. It is counted when a batch reaches training_step, not when the loader yields it: Lightning
+    fetches one batch ahead, so the loader's own count would resume one batch too far."""
+
+    position: int = 0
+
+    def stream_loader(self, make: Callable[[torch.Generator, int], dict[str, Tensor]], seed: int) -> DataLoader:
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        return DataLoader(GlobalBatchStream(make, seed, rank, world, lambda: self.position), batch_size=None)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if self.trainer is not None and self.trainer.training:
+            self.position += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = int(state.get("position", 0))
+
+
+class DMDDataModule(StreamDataModule):
+    """Serves {z, cond, pair_z, pair_x, pair_cond} for training and fixed {z, cond} for validation.
+
+    Conditions of the DM batch are drawn with the label frequencies of the pairs (which follow the data's
+    labels); `expect` (e.g. {"teacher": ..., "sampler": "ddim", "num_steps": 50}) is checked against the
+    settings that made the pairs. `batch_size` and `pair_batch_size` are per device; pairs are drawn uniformly
+    with replacement. Validation noise comes from `val_seed` (default `seed + 1`): choose settings on one
+    val_seed and report on another, so that the reported figure's samples were never looked at while tuning.
+    """
+
+    def __init__(self, pairs_dir: str, batch_size: int = 64, pair_batch_size: int = 64,
+                 num_classes: int | None = 10, val_size: int = 10000, val_batch_size: int = 500, seed: int = 0,
+                 val_seed: int | None = None, expect: dict | None = None):
+        super().__init__()
+        for key in ("batch_size", "pair_batch_size", "val_size", "val_batch_size"):
+            check_int(key, locals()[key])
+        check_int("num_classes", num_classes, allow_none=True)
+        check_int("seed", seed, 0)
+        check_int("val_seed", val_seed, 0, allow_none=True)
+        self.save_hyperparameters()
+        self.num_classes = num_classes
+        self.pairs: PairDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.pairs is None:
+            self.pairs = PairDataset(self.hparams.pairs_dir, expect=self.hparams.expect)
+            if (self.pairs.cond is None) != (self.hparams.num_classes is None):
+                raise PairsError(f"pairs in {self.hparams.pairs_dir} are {'un' if self.pairs.cond is None else ''}"
+                                 f"conditional but num_classes is {self.hparams.num_classes}")
+            if self.pairs.cond is not None and int(self.pairs.cond.max()) >= self.hparams.num_classes:
+                raise PairsError(f"pairs in {self.hparams.pairs_dir} have labels up to {int(self.pairs.cond.max())} "
+                                 f"but num_classes is {self.hparams.num_classes}")
+
+    @property
+    def sample_shape(self) -> tuple[int, ...] | None:
+        """Shape of one sample (C, H, W), which the model checks against its teacher."""
+        return tuple(self.pairs.noise.shape[1:]) if self.pairs is not None else None
+
+    def label_probs(self) -> Tensor | None:
+        if self.hparams.num_classes is None:
+            return None
+        counts = torch.bincount(self.pairs.cond.long(), minlength=self.hparams.num_classes).float()
+        return counts / counts.sum()
+
+    def train_batch(self, g: torch.Generator, world: int) -> dict[str, Tensor]:
+        """A global batch: DM noise and conditions for `world` devices, and their regression pairs."""
+        n, m = self.hparams.batch_size * world, self.hparams.pair_batch_size * world
+        out = {"z": torch.randn(n, *self.pairs.noise.shape[1:], generator=g)}
+        probs = self.label_probs()
+        if probs is not None:
+            out["cond"] = torch.multinomial(probs, n, replacement=True, generator=g)
+        idx = torch.randint(0, len(self.pairs), (m,), generator=g)
+        out["pair_z"], out["pair_x"] = self.pairs.noise[idx].float(), self.pairs.x[idx].float()
+        if self.pairs.cond is not None:
+            out["pair_cond"] = self.pairs.cond[idx]
+        return out
+
+    def train_dataloader(self) -> DataLoader:
+        return self.stream_loader(self.train_batch, self.hparams.seed)
+
+    def val_batches(self) -> list[dict[str, Tensor]]:
+        """Fixed seeded noise and balanced labels; the same for every validation and for `dmd predict`."""
+        hp = self.hparams
+        g = torch.Generator().manual_seed(hp.seed + 1 if hp.val_seed is None else hp.val_seed)
+        z = torch.randn(hp.val_size, *self.pairs.noise.shape[1:], generator=g)
+        out = []
+        for start in range(0, hp.val_size, hp.val_batch_size):
+            b = {"z": z[start:start + hp.val_batch_size]}
+            if hp.num_classes is not None:
+                b["cond"] = torch.arange(start, start + len(b["z"])) % hp.num_classes
+            out.append(b)
+        return out
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_batches(), batch_size=None)
+
+    test_dataloader = val_dataloader
+    predict_dataloader = val_dataloader

@@ -1,0 +1,1 @@
+"""Evaluation: the Evaluator interface that validation calls, and offline FID/KID with torch-fidelity."""

@@ -1,0 +1,172 @@
+"""Stable Diffusion 1.5 (latent text-to-image): the teacher as a denoiser, cached prompt embeddings, the VAE.
+
+A pipeline folder (or hub id) holds unet/, scheduler/, text_encoder/, tokenizer/ and vae/ as diffusers saves
+them. The text encoder never runs in a training step: prompts are encoded once by PromptEmbeddings and read
+back from a safetensors file. The VAE only decodes latents, for the LPIPS regression loss (DMD Sec. 3.3 on
+images, App. C: decoded latents) and for evaluation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from dmd_lightning.denoisers import UNetDenoiser
+from dmd_lightning.errors import ConfigError
+from dmd_lightning.loading import WeightsNotFoundError, load_pretrained, scheduler_folder, unet_folder
+from dmd_lightning.losses import LPIPSLoss
+from dmd_lightning.schedule import VPSchedule
+
+
+def load_text_encoder(path: str):
+    """(CLIPTokenizer, CLIPTextModel) of a pipeline folder or hub id, the encoder frozen in eval mode."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tokenizer = load_pretrained(CLIPTokenizer, path, "tokenizer")
+    encoder = load_pretrained(CLIPTextModel, path, "text_encoder")
+    return tokenizer, encoder.requires_grad_(False).eval()
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder: nn.Module, prompts: list[str], batch_size: int = 64) -> Tensor:
+    """(N, L, D) last hidden states of the CLIP text encoder, as StableDiffusionPipeline.encode_prompt computes
+    them (padded to the tokenizer's max length, no attention mask, no clip skip)."""
+    device = next(text_encoder.parameters()).device
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        ids = tokenizer(prompts[start:start + batch_size], padding="max_length", truncation=True,
+                        max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+        out.append(text_encoder(ids.to(device))[0].float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def _mmap_safetensors(path: Path, key: str) -> Tensor:
+    """One tensor of a safetensors file as a read-only memory map: processes (DDP ranks) share the page cache
+    and only the rows indexed are read. Format: u64 header size, JSON header, raw little-endian data."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        info = json.loads(f.read(n))[key]
+    dtype = {"F16": np.float16, "F32": np.float32}[info["dtype"]]
+    start, _ = info["data_offsets"]
+    array = np.memmap(path, dtype=dtype, mode="r", offset=8 + n + start, shape=tuple(info["shape"]))
+    with warnings.catch_warnings():  # torch warns that the array is not writable; it is never written
+        warnings.simplefilter("ignore")
+        return torch.from_numpy(array)
+
+
+class PromptEmbeddings:
+    """Text-encoder outputs of a list of prompts, computed once and stored in `cache_dir`.
+
+    The file `prompt-embeddings-<digest>.safetensors` is keyed by a sha256 of the prompts, the text encoder's
+    path and the storage dtype, so a changed prompt list or encoder never reads stale embeddings. `load`
+    returns a memory-mapped (N, L, D) tensor (float16: 77 x 768 x 2 bytes = 118 KB per SD1.5 prompt).
+    """
+
+    def __init__(self, text_encoder: str, cache_dir: str = "runs/prompt_cache", batch_size: int = 64,
+                 dtype: Literal["float16", "float32"] = "float16"):
+        self.text_encoder, self.cache_dir = str(text_encoder), Path(cache_dir)
+        self.batch_size, self.dtype = batch_size, dtype
+
+    def path(self, prompts: list[str]) -> Path:
+        h = hashlib.sha256(json.dumps([self.text_encoder, self.dtype, list(prompts)]).encode()).hexdigest()[:16]
+        return self.cache_dir / f"prompt-embeddings-{h}.safetensors"
+
+    def build(self, prompts: list[str], device: torch.device | str | None = None) -> Path:
+        """Encode and store the prompts unless their file exists; returns its path."""
+        from safetensors.torch import save_file
+
+        path = self.path(prompts)
+        if path.is_file():
+            return path
+        tokenizer, encoder = load_text_encoder(self.text_encoder)
+        emb = encode_prompts(tokenizer, encoder.to(device or "cpu"), list(prompts), self.batch_size)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # ranks building at once never share a file
+        save_file({"embeddings": emb.to(getattr(torch, self.dtype)).contiguous()}, str(tmp),
+                  metadata={"text_encoder": self.text_encoder, "num_prompts": str(len(prompts))})
+        tmp.replace(path)
+        return path
+
+    def load(self, prompts: list[str], device: torch.device | str | None = None) -> Tensor:
+        """(N, L, D) embeddings of `prompts`, encoding them first if they are not cached."""
+        return _mmap_safetensors(self.build(prompts, device), "embeddings")
+
+
+class SDDenoiser(UNetDenoiser):
+    """A Stable Diffusion UNet2DConditionModel and its schedule, loaded from a pipeline folder or hub id.
+
+    cond: prompt embeddings (B, L, D). `null_embedding` is the empty prompt's embedding, the unconditional
+    input of classifier-free guidance; it comes from `text_encoder` (default: the same folder) through
+    PromptEmbeddings' cache, so the text encoder loads only the first time.
+    """
+
+    def __init__(self, path: str, gradient_checkpointing: bool = False, text_encoder: str | None = None,
+                 embedding_cache: str = "runs/prompt_cache"):
+        from diffusers import UNet2DConditionModel
+
+        root = str(path)
+        unet = load_pretrained(UNet2DConditionModel, root, unet_folder(root))
+        schedule = load_pretrained(VPSchedule, root, scheduler_folder(root))
+        if gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        null = PromptEmbeddings(text_encoder or root, embedding_cache, dtype="float32").load([""])
+        super().__init__(unet, schedule, null_embedding=null.clone())
+        self.path = root
+
+
+def load_vae(path: str, decoder: Literal["kl", "tiny"] = "kl") -> nn.Module:
+    """The frozen latent decoder: AutoencoderKL of a pipeline (its vae/ subfolder) or, with decoder='tiny',
+    diffusers' AutoencoderTiny (TAESD, e.g. 'madebyollin/taesd'). The encoder is dropped: only decode is used."""
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
+    cls = {"kl": AutoencoderKL, "tiny": AutoencoderTiny}.get(decoder)
+    if cls is None:
+        raise ConfigError(f"unknown decoder {decoder!r}; expected 'kl' or 'tiny'")
+    p = Path(path)  # pipelines hold the VAE in vae/, TAESD repositories and bare VAE folders at their root
+    sub = "vae" if (p / "vae").is_dir() or (decoder == "kl" and not (p / "config.json").is_file()) else None
+    vae = load_pretrained(cls, str(path), sub)
+    vae.encoder = None  # roughly half of the weights, never needed
+    if hasattr(vae, "quant_conv"):
+        vae.quant_conv = None
+    return vae.requires_grad_(False).eval()
+
+
+def decode_latents(vae: nn.Module, latents: Tensor) -> Tensor:
+    """Latents (B, 4, h, w) -> images (B, 3, 8h, 8w) in [-1, 1] (not clamped), as the SD pipeline decodes."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    dtype = next(vae.parameters()).dtype
+    return vae.decode((latents / vae.config.scaling_factor + shift).to(dtype)).sample.float()
+
+
+class DecodedLPIPSLoss(nn.Module):
+    """Regression loss of DMD on latents (App. C): LPIPS between the images decoded from predicted and target
+    latents (LPIPSLoss resizes them to 224). The decoder is frozen; gradients reach the predicted latents.
+
+    vae: a pipeline folder / hub id (decoder='kl', its vae/ subfolder) or a TAESD folder / hub id
+    (decoder='tiny', less memory, as the paper). Takes (pred_latents, target_latents) like every regression loss.
+    """
+
+    def __init__(self, vae: str, lpips: LPIPSLoss, decoder: Literal["kl", "tiny"] = "kl"):
+        super().__init__()
+        self.vae = load_vae(vae, decoder)
+        self.lpips = lpips
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # frozen networks stay in eval mode
+
+    def forward(self, pred: Tensor, target: Tensor) -> Tensor:
+        with torch.no_grad():
+            target_images = decode_latents(self.vae, target)
+        return self.lpips(decode_latents(self.vae, pred), target_images)
+
+
+__all__ = ["DecodedLPIPSLoss", "PromptEmbeddings", "SDDenoiser", "WeightsNotFoundError", "decode_latents",
+           "encode_prompts", "load_text_encoder", "load_vae"]

@@ -9,6 +9,7 @@ from lightning import LightningModule
 from torch import Tensor, nn
 
 from dmd_lightning.checks import (
+    NonFinitePolicy,
     check_dmd_arguments,
     check_labels,
     check_same_model,
@@ -21,9 +22,9 @@ from dmd_lightning.ema import ema_tensors, ema_update, warmup_decay
 from dmd_lightning.errors import CheckpointError, ConfigError, NonFiniteError
 from dmd_lightning.generator import OneStepGenerator
 from dmd_lightning.losses import denoising_loss, distribution_matching_loss
-from dmd_lightning.metrics.evaluation import Evaluator
-from dmd_lightning.optim import lr_factor, make_adamw
-from dmd_lightning.rng import rng_states, set_rng_states
+from dmd_lightning.metrics.evaluation import Evaluator, Evaluators
+from dmd_lightning.optim import adamw_with_schedule
+from dmd_lightning.rng import GlobalNoise, rng_states, set_rng_states
 
 
 class DMDModule(LightningModule):
@@ -92,13 +93,12 @@ class DMDModule(LightningModule):
         self.fake_score.train()
         self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False).eval()
         self.regression_loss = regression_loss
-        self.evaluator = evaluator
-        self.evaluator_raw = copy.deepcopy(evaluator) if validate_raw and evaluator is not None else None
+        self.evaluators = Evaluators(evaluator, raw=validate_raw)
         self.iteration = 0  # training iterations done; with the ratio it gives the update phase
-        self._noise: torch.Generator | None = None  # the losses' t and eps; created on the training device
+        self.noise = GlobalNoise()  # the losses' t and eps
+        self.nonfinite = NonFinitePolicy(on_nonfinite, max_consecutive_skips)
         self._restored: dict | None = None  # RNG states from a checkpoint, applied before the next step
         self._ema_tensors: tuple | None = None
-        self._skips = 0  # consecutive skipped updates
 
     # ----------------------------------------------------------------------------------------------- setup
     def train(self, mode: bool = True):
@@ -114,19 +114,13 @@ class DMDModule(LightningModule):
         check_labels(self.teacher, getattr(getattr(self.trainer, "datamodule", None), "num_classes", None))
 
     def configure_optimizers(self):
-        hp = self.hparams
-
-        ratio = hp.fake_updates_per_generator_update
-        total = self._decay_steps()
-
-        def adamw(params, lr, updates_per_generator_update):
-            opt = make_adamw(params, lr, tuple(hp.betas), hp.weight_decay)
-            decay = total * updates_per_generator_update if total is not None else None
-            return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, hp.warmup_steps, decay, hp.min_lr_ratio))
-
+        hp, total = self.hparams, self._decay_steps()
         # each warms up over its own first updates; the fake score's decay follows the generator's phase
-        opt_g, sch_g = adamw(self.generator.parameters(), hp.generator_lr, 1)
-        opt_f, sch_f = adamw(self.fake_score.parameters(), hp.fake_lr, ratio)
+        ratio = hp.fake_updates_per_generator_update
+        opt_g, sch_g = adamw_with_schedule(self.generator.parameters(), hp.generator_lr, tuple(hp.betas),
+                                           hp.weight_decay, hp.warmup_steps, total, hp.min_lr_ratio)
+        opt_f, sch_f = adamw_with_schedule(self.fake_score.parameters(), hp.fake_lr, tuple(hp.betas), hp.weight_decay,
+                                           hp.warmup_steps, total and total * ratio, hp.min_lr_ratio)
         return [opt_g, opt_f], [sch_g, sch_f]
 
     def _decay_steps(self) -> int | None:
@@ -197,15 +191,9 @@ class DMDModule(LightningModule):
         time for nothing (about 12% of a small network's iteration), so they are skipped."""
         return self._trainer is None or self.iteration % self.trainer.log_every_n_steps == 0
 
-    def _draw(self, x: Tensor, schedule, t_range: tuple[float, float]) -> tuple[Tensor, Tensor]:
-        """t ~ U[t_range * T] (B,) and eps ~ N(0, I) like x, this rank's slice of a draw for the global batch."""
-        if self._noise is None or self._noise.device != x.device:
-            self._noise = torch.Generator(device=x.device).manual_seed(torch.initial_seed())
+    def _draw(self, x: Tensor, schedule, t_range) -> tuple[Tensor, Tensor]:
         rank, world = (self.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
-        n = x.shape[0]
-        t = schedule.sample_t(n * world, *t_range, device=x.device, generator=self._noise)
-        eps = torch.randn((n * world, *x.shape[1:]), device=x.device, generator=self._noise)
-        return t[rank * n:(rank + 1) * n], eps[rank * n:(rank + 1) * n]
+        return self.noise.draw(x, schedule, tuple(t_range), rank, world)
 
     def on_train_start(self) -> None:
         self._ema_tensors = None  # a device move since the last fit replaces buffers
@@ -213,8 +201,7 @@ class DMDModule(LightningModule):
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if self._restored is not None:  # here, not in on_load_checkpoint: loader set-up still draws numbers
             set_rng_states(self._restored["global"])
-            self._noise = torch.Generator(device=self.device)
-            self._noise.set_state(self._restored["noise"])
+            self.noise.load(self._restored["noise"], self.device)
             self._restored = None
 
     def _step(self, opt, sched, net: nn.Module, loss: Tensor, terms: dict, name: str) -> None:
@@ -234,21 +221,11 @@ class DMDModule(LightningModule):
                 self.log(f"{name}/loss_{k}", v, on_step=True, prog_bar=True)
             self.log(f"{name}/grad_norm", grad_norm, on_step=True)
             self.log(f"{name}/lr", sched.get_last_lr()[0], on_step=True)
-        if bad:
-            msg = (f"non-finite {', '.join(bad)} in the {name} update at iteration {self.iteration} "
-                   f"(global step {self.global_step})")
-            if self.hparams.on_nonfinite == "stop":
-                raise NonFiniteError(msg)
-            if not is_finite_module(net):  # every later step would be skipped too, and global_step never grows
-                raise NonFiniteError(f"{msg}: the {name}'s weights are non-finite, skipping cannot recover")
-            self._skips += 1
-            if self._skips >= self.hparams.max_consecutive_skips:  # skipped steps do not count towards max_steps
-                raise NonFiniteError(f"{msg}: {self._skips} consecutive updates skipped (max_consecutive_skips); "
-                                     "lower the learning rates or check the data")
-            self.print(f"warning: {msg}; update skipped")
+        where = f"{name} update at iteration {self.iteration} (global step {self.global_step})"
+        if self.nonfinite.skip(bad, where, net):
+            self.print(f"warning: non-finite {', '.join(bad)} in the {where}; update skipped")
             self.log(f"{name}/skipped", 1.0, on_step=True)
         else:
-            self._skips = 0
             opt.step()
             sched.step()
         opt.zero_grad(set_to_none=True)
@@ -259,22 +236,15 @@ class DMDModule(LightningModule):
         """One network evaluation per sample, by the EMA generator unless ema=False."""
         return (self.generator_ema if ema else self.generator)(z, cond)
 
-    def _evaluators(self) -> dict[str, tuple[Evaluator, bool]]:
-        """Metric prefix -> (evaluator, whether it scores the EMA generator)."""
-        pairs = {"val/": (self.evaluator, True), "val/raw/": (self.evaluator_raw, False)}
-        return {k: v for k, v in pairs.items() if v[0] is not None}
-
     def on_validation_epoch_start(self) -> None:
-        for evaluator, _ in self._evaluators().values():
-            evaluator.reset()
+        self.evaluators.reset()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        for evaluator, ema in self._evaluators().values():
+        for evaluator, ema in self.evaluators.active().values():
             evaluator.update(self.sample(batch["z"], batch.get("cond"), ema=ema), batch)
 
     def on_validation_epoch_end(self) -> None:
-        for prefix, (evaluator, _) in self._evaluators().items():
-            self.log_dict({prefix + k: v for k, v in evaluator.compute().items()}, sync_dist=True)
+        self.log_dict(self.evaluators.compute(), sync_dist=True)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self.validation_step(batch, batch_idx)
@@ -297,7 +267,7 @@ class DMDModule(LightningModule):
         for k in [k for k in state if k.startswith(FROZEN)]:
             del state[k]
         checkpoint["dmd_iteration"] = self.iteration
-        checkpoint["dmd_rng"] = {"global": rng_states(), "noise": self._noise.get_state() if self._noise is not None else None}
+        checkpoint["dmd_rng"] = {"global": rng_states(), "noise": self.noise.state()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
@@ -320,4 +290,4 @@ class DMDModule(LightningModule):
 
 
 # state-dict prefixes of the networks that never train: left out of checkpoints
-FROZEN = ("teacher.", "regression_loss.", "evaluator.", "evaluator_raw.")
+FROZEN = ("teacher.", "regression_loss.", "evaluators.")

@@ -23,3 +23,10 @@ def make_adamw(params, lr: float, betas: tuple[float, float], weight_decay: floa
     params = list(params)
     fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused or None)
+
+
+def adamw_with_schedule(params, lr: float, betas: tuple[float, float], weight_decay: float, warmup_steps: int,
+                        decay_steps: int | None = None, min_ratio: float = 0.0):
+    """AdamW and its per-update LambdaLR: lr_factor's warm-up, then constant or a half cosine to min_ratio x lr."""
+    opt = make_adamw(params, lr, betas, weight_decay)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup_steps, decay_steps, min_ratio))

@@ -1,5 +1,5 @@
-"""The global RNG states (torch, CUDA, numpy, python) as checkpointable values, so that a resumed run draws
-the numbers the uninterrupted one would have drawn."""
+"""Random numbers a resumed or distributed run draws exactly as one uninterrupted process would: the global RNG
+states (torch, CUDA, numpy, python) as checkpointable values, and GlobalNoise, the losses' t and eps."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import random
 
 import numpy as np
 import torch
+from torch import Tensor
 
 
 def rng_states() -> dict:
@@ -26,3 +27,29 @@ def set_rng_states(states: dict) -> None:
     np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     version, internal, gauss_next = states["python"]
     random.setstate((version, tuple(internal), gauss_next))
+
+
+class GlobalNoise:
+    """The losses' t ~ U[t_range * T] and eps ~ N(0, I), drawn from one generator for the global batch of all
+    ranks, each rank keeping its slice: a DDP run draws what one process with the global batch would.
+    The generator is seeded by `torch.initial_seed()` on the first draw; `state` / `load` checkpoint it."""
+
+    def __init__(self):
+        self.generator: torch.Generator | None = None
+
+    def draw(self, x: Tensor, schedule, t_range: tuple[float, float], rank: int = 0,
+             world: int = 1) -> tuple[Tensor, Tensor]:
+        """t (B,) and eps like x (B, ...) for this rank's B samples."""
+        if self.generator is None or self.generator.device != x.device:
+            self.generator = torch.Generator(device=x.device).manual_seed(torch.initial_seed())
+        n = x.shape[0]
+        t = schedule.sample_t(n * world, *t_range, device=x.device, generator=self.generator)
+        eps = torch.randn((n * world, *x.shape[1:]), device=x.device, generator=self.generator)
+        return t[rank * n:(rank + 1) * n], eps[rank * n:(rank + 1) * n]
+
+    def state(self) -> Tensor | None:
+        return self.generator.get_state() if self.generator is not None else None
+
+    def load(self, state: Tensor, device: torch.device) -> None:
+        self.generator = torch.Generator(device=device)
+        self.generator.set_state(state)

@@ -25,7 +25,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorData
 from dmd_lightning.ema import ema_tensors, ema_update, warmup_decay
 from dmd_lightning.errors import ConfigError, check_choice, check_int, check_number
 from dmd_lightning.fmnist.data import DEFAULT_ROOT, load_fashion_mnist, to_model_space
-from dmd_lightning.optim import lr_factor, make_adamw
+from dmd_lightning.optim import adamw_with_schedule
 from dmd_lightning.schedule import VPSchedule
 
 
@@ -98,11 +98,11 @@ class TeacherModule(LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        opt = make_adamw(self.unet.parameters(), hp.lr, (0.9, 0.999), 0.0)
         total = self.trainer.max_steps if hp.lr_decay == "cosine" else None
         if total is not None and total <= 0:
             raise ConfigError("lr_decay='cosine' needs the trainer's max_steps")
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, hp.warmup_steps, total, hp.min_lr_ratio))
+        opt, sched = adamw_with_schedule(self.unet.parameters(), hp.lr, (0.9, 0.999), 0.0, hp.warmup_steps, total,
+                                         hp.min_lr_ratio)
         return [opt], [{"scheduler": sched, "interval": "step"}]
 
     def export(self, folder: str | Path, provenance: dict | None = None) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 from torch import Tensor, nn
 
 
@@ -16,3 +18,25 @@ class Evaluator(nn.Module):
 
     def compute(self) -> dict[str, float]:
         raise NotImplementedError
+
+
+class Evaluators(nn.Module):
+    """The evaluator of the EMA generator (metrics `val/<name>`) and, with `raw=True`, a copy of it for the raw
+    generator (`val/raw/<name>`): the two differ most when the learning rate is too high."""
+
+    def __init__(self, evaluator: Evaluator | None, raw: bool = False):
+        super().__init__()
+        self.ema = evaluator
+        self.raw = copy.deepcopy(evaluator) if raw and evaluator is not None else None
+
+    def active(self) -> dict[str, tuple[Evaluator, bool]]:
+        """Metric prefix -> (evaluator, whether it scores the EMA generator)."""
+        pairs = {"val/": (self.ema, True), "val/raw/": (self.raw, False)}
+        return {k: v for k, v in pairs.items() if v[0] is not None}
+
+    def reset(self) -> None:
+        for evaluator, _ in self.active().values():
+            evaluator.reset()
+
+    def compute(self) -> dict[str, float]:
+        return {prefix + k: v for prefix, (ev, _) in self.active().items() for k, v in ev.compute().items()}

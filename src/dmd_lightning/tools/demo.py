@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     dm, model = run.datamodule, run.model.eval()
     device = run.trainer.strategy.root_device
     model.to(device)
-    evaluator: FIDEvaluator = model.evaluator
+    evaluator: FIDEvaluator = model.evaluators.ema
     batches = [{k: v.to(device) for k, v in b.items()} for b in dm.val_batches()]
 
     def fid_of(images: torch.Tensor) -> dict:

@@ -114,7 +114,7 @@ class NonFinitePolicy:
     def __init__(self, on_nonfinite: str = "skip", max_consecutive: int = 20):
         self.on_nonfinite, self.max_consecutive, self.skips = on_nonfinite, max_consecutive, 0
 
-    def skip(self, bad: list[str], where: str, net: nn.Module) -> bool:
+    def skip(self, bad: list[str], where: str, net: nn.Module, name: str = "network") -> bool:
         """Whether to skip this update (bad: the non-finite terms); NonFiniteError to stop."""
         if not bad:
             self.skips = 0
@@ -123,7 +123,7 @@ class NonFinitePolicy:
         if self.on_nonfinite == "stop":
             raise NonFiniteError(msg)
         if not is_finite_module(net):
-            raise NonFiniteError(f"{msg}: the network's weights are non-finite, skipping cannot recover")
+            raise NonFiniteError(f"{msg}: the {name}'s weights are non-finite, skipping cannot recover")
         self.skips += 1
         if self.skips >= self.max_consecutive:
             raise NonFiniteError(f"{msg}: {self.skips} consecutive updates skipped (max_consecutive_skips); "

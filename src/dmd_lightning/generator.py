@@ -1,4 +1,5 @@
-"""The one-step generator G(z, cond): the teacher's x_0 prediction at the last timestep (DMD Sec. 3.1)."""
+"""Generators: one step, the teacher's x_0 prediction at the last timestep (DMD Sec. 3.1), or K steps at fixed
+timesteps with fresh noise between them, trained by backward simulation (DMD2 Sec. 4.5)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from dmd_lightning.denoisers import Denoiser
+from dmd_lightning.errors import ConfigError
 from dmd_lightning.schedule import VPSchedule
 
 
@@ -37,9 +39,57 @@ class OneStepGenerator(nn.Module):
         """A trainable copy of the teacher."""
         return cls(copy.deepcopy(teacher).requires_grad_(True), timestep)
 
-    def forward(self, z: Tensor, cond=None) -> Tensor:
-        t = torch.full((z.shape[0],), self.timestep, device=z.device, dtype=torch.long)
-        return self.denoiser(z, t, cond)
+    @property
+    def timesteps(self) -> tuple[int, ...]:
+        return (self.timestep,)
+
+    def forward(self, z: Tensor, cond=None, generator: torch.Generator | None = None) -> Tensor:
+        return self.step(z, 0, cond)
+
+    def step(self, x_t: Tensor, k: int, cond=None) -> Tensor:
+        """x_0 from x_t at the k-th of `timesteps`: one denoiser evaluation."""
+        t = torch.full((x_t.shape[0],), self.timesteps[k], device=x_t.device, dtype=torch.long)
+        return self.denoiser(x_t, t, cond)
+
+    @torch.no_grad()
+    def simulate(self, z: Tensor, k: int, cond=None, generator: torch.Generator | None = None,
+                 eps: list[Tensor] | None = None) -> Tensor:
+        """The generator's own input at step k from noise z (DMD2's backward simulation): steps 0..k-1 run without
+        gradient, each x_0 noised afresh (eps[j], else drawn from `generator`) to the next timestep. k = 0: z."""
+        x = z
+        for j in range(k):
+            x0 = self.step(x, j, cond)
+            t = torch.full((z.shape[0],), self.timesteps[j + 1], device=z.device, dtype=torch.long)
+            e = eps[j] if eps is not None else torch.randn(z.shape, device=z.device, dtype=z.dtype, generator=generator)
+            x = self.denoiser.schedule.add_noise(x0, e, t).to(z.dtype)
+        return x
+
+
+class MultiStepGenerator(OneStepGenerator):
+    """G with K steps at `timesteps` (e.g. 999, 749, 499, 249; DMD2 Sec. 4.5): x_0 from pure noise at the first,
+    noised afresh to the next timestep, denoised again, ... Training picks a step k and builds its input by
+    running the generator itself (`simulate`, no gradient), not by noising real data; a K-step sample is
+    `simulate(z, K-1)` then `step(., K-1)`."""
+
+    def __init__(self, denoiser: Denoiser, timesteps: list[int] | tuple[int, ...] = (999, 749, 499, 249)):
+        timesteps = tuple(int(t) for t in timesteps)
+        if not timesteps or list(timesteps) != sorted(set(timesteps), reverse=True) or timesteps[-1] < 0 \
+                or timesteps[0] >= denoiser.schedule.T:
+            raise ConfigError(f"timesteps={list(timesteps)}: must be distinct, decreasing, in [0, {denoiser.schedule.T})")
+        super().__init__(denoiser, timesteps[0])
+        self._timesteps = timesteps
+
+    @classmethod
+    def from_teacher(cls, teacher: Denoiser, timesteps=(999, 749, 499, 249)) -> "MultiStepGenerator":
+        return cls(copy.deepcopy(teacher).requires_grad_(True), timesteps)
+
+    @property
+    def timesteps(self) -> tuple[int, ...]:
+        return self._timesteps
+
+    def forward(self, z: Tensor, cond=None, generator: torch.Generator | None = None) -> Tensor:
+        k = len(self.timesteps) - 1
+        return self.step(self.simulate(z, k, cond, generator), k, cond)
 
 
 def error_gain(schedule: VPSchedule, t: int) -> float:

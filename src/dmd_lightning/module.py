@@ -20,6 +20,7 @@ from dmd_lightning.checks import (
 from dmd_lightning.denoisers import Denoiser
 from dmd_lightning.ema import ema_tensors, ema_update, warmup_decay
 from dmd_lightning.errors import CheckpointError, ConfigError, NonFiniteError
+from dmd_lightning.gan import BottleneckClassifier, gan_classifier_loss, gan_generator_loss
 from dmd_lightning.generator import OneStepGenerator
 from dmd_lightning.losses import denoising_loss, distribution_matching_loss
 from dmd_lightning.metrics.evaluation import Evaluator, Evaluators
@@ -79,6 +80,8 @@ class DMDModule(LightningModule):
         on_nonfinite: str = "skip",
         max_consecutive_skips: int = 20,
         validate_raw: bool = False,
+        gan_generator_weight: float = 0.0,
+        gan_classifier_weight: float = 0.0,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["teacher", "generator", "fake_score", "regression_loss", "evaluator"])
@@ -88,10 +91,16 @@ class DMDModule(LightningModule):
             warn_error_gain(teacher.schedule, t_range)
         self.teacher = teacher.requires_grad_(False).eval()
         self.generator = generator if generator is not None else OneStepGenerator.from_teacher(teacher)
+        if len(getattr(self.generator, "timesteps", (0,))) > 1 and regression_loss is not None and regression_weight > 0:
+            raise ConfigError("the regression loss needs a one-step generator (its pairs map noise to a sample); "
+                              "set regression_loss: null for a multi-step generator")
         self.fake_score = fake_score if fake_score is not None else copy.deepcopy(teacher).requires_grad_(True)
         self.generator.train()  # copies of the (eval-mode) teacher: Lightning keeps submodules' modes
         self.fake_score.train()
         self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False).eval()
+        # DMD2's GAN: a classifier head on the fake score's bottleneck, trained with the fake score
+        gan = gan_generator_weight > 0 or gan_classifier_weight > 0
+        self.classifier = BottleneckClassifier(self.fake_score) if gan else None
         self.regression_loss = regression_loss
         self.evaluators = Evaluators(evaluator, raw=validate_raw)
         self.iteration = 0  # training iterations done; with the ratio it gives the update phase
@@ -119,7 +128,8 @@ class DMDModule(LightningModule):
         ratio = hp.fake_updates_per_generator_update
         opt_g, sch_g = adamw_with_schedule(self.generator.parameters(), hp.generator_lr, tuple(hp.betas),
                                            hp.weight_decay, hp.warmup_steps, total, hp.min_lr_ratio)
-        opt_f, sch_f = adamw_with_schedule(self.fake_score.parameters(), hp.fake_lr, tuple(hp.betas), hp.weight_decay,
+        fake_params = [*self.fake_score.parameters(), *(self.classifier.parameters() if self.classifier else [])]
+        opt_f, sch_f = adamw_with_schedule(fake_params, hp.fake_lr, tuple(hp.betas), hp.weight_decay,
                                            hp.warmup_steps, total and total * ratio, hp.min_lr_ratio)
         return [opt_g, opt_f], [sch_g, sch_f]
 
@@ -153,11 +163,11 @@ class DMDModule(LightningModule):
         # No toggle_optimizer: each backward reaches one network by construction (the DM loss runs both
         # denoisers under no_grad, the fake score trains on detached samples), and toggling walks every module.
         if generator_turn:
-            x = self.generator(z, cond)
+            x = self._generate(z, cond)
             terms = {}
             if hp.dm_weight > 0:
                 fake = self.fake_score if hp.use_fake_score else None
-                t, eps = self._draw(x, self.teacher.schedule, tuple(hp.t_range))
+                t, eps = self._draw(x, self.teacher.schedule, hp.t_range)
                 terms["dm"], stats = distribution_matching_loss(
                     x, self.teacher, fake, cond, hp.guidance_scale, t=t, eps=eps
                 )
@@ -166,7 +176,9 @@ class DMDModule(LightningModule):
             if self.regression_loss is not None and hp.regression_weight > 0 and "pair_z" in batch:
                 x_reg = self.generator(batch["pair_z"], batch.get("pair_cond"))
                 terms["regression"] = self.regression_loss(x_reg, batch["pair_x"])
-            weights = {"dm": hp.dm_weight, "regression": hp.regression_weight}
+            if hp.gan_generator_weight > 0:
+                terms["gan"] = gan_generator_loss(self._logits(x, cond, frozen=True))
+            weights = {"dm": hp.dm_weight, "regression": hp.regression_weight, "gan": hp.gan_generator_weight}
             loss = sum(weights[k] * v for k, v in terms.items())
             self._step(opt_g, sch_g, self.generator, loss, terms, "generator")
             if self._ema_tensors is None:  # cached: the module walks cost more than a small network's update
@@ -176,12 +188,16 @@ class DMDModule(LightningModule):
             x = x.detach()
         elif self.trains_fake_score:
             with torch.no_grad():
-                x = self.generator(z, cond)
+                x = self._generate(z, cond)
 
         if self.trains_fake_score:
-            t, eps = self._draw(x, self.fake_score.schedule, tuple(hp.fake_t_range))
-            loss_f = denoising_loss(self.fake_score, x, cond, t, eps)
-            self._step(opt_f, sch_f, self.fake_score, loss_f, {"denoising": loss_f}, "fake_score")
+            t, eps = self._draw(x, self.fake_score.schedule, hp.fake_t_range)
+            terms = {"denoising": denoising_loss(self.fake_score, x, cond, t, eps)}
+            if hp.gan_classifier_weight > 0 and "real_x" in batch:
+                terms["classifier"] = gan_classifier_loss(self._logits(batch["real_x"], batch.get("real_cond")),
+                                                          self._logits(x, cond))
+            loss_f = terms["denoising"] + hp.gan_classifier_weight * terms.get("classifier", 0.0)
+            self._step(opt_f, sch_f, self.fake_score, loss_f, terms, "fake_score")
         if self._logs_now:
             self.log("train/iteration", float(self.iteration), on_step=True)
 
@@ -190,6 +206,22 @@ class DMDModule(LightningModule):
         """Lightning writes step metrics every `log_every_n_steps` only; the self.log calls in between cost
         time for nothing (about 12% of a small network's iteration), so they are skipped."""
         return self._trainer is None or self.iteration % self.trainer.log_every_n_steps == 0
+
+    def _generate(self, z: Tensor, cond) -> Tensor:
+        """The generator's output at a random one of its K steps, whose input the generator itself made from z
+        without gradient (DMD2's backward simulation); for K = 1 simply G(z)."""
+        if not hasattr(self.generator, "simulate"):  # a generator of the user's own (e.g. the toy's MLP)
+            return self.generator(z, cond)
+        steps = len(self.generator.timesteps)
+        k = self.noise.draw_index(steps, z.device) if steps > 1 else 0
+        eps = [self._draw(z, self.teacher.schedule, (0, 1))[1] for _ in range(k)]
+        return self.generator.step(self.generator.simulate(z, k, cond, eps=eps), k, cond)
+
+    def _logits(self, x0: Tensor, cond, frozen: bool = False) -> Tensor:
+        """The GAN classifier's logits for x0 noised at t ~ U[fake_t_range * T] (DMD2 Sec. 4.3); frozen: the
+        gradient reaches x0 only (the generator's term)."""
+        t, eps = self._draw(x0, self.fake_score.schedule, self.hparams.fake_t_range)
+        return self.classifier(self.fake_score, self.fake_score.schedule.add_noise(x0, eps, t), t, cond, frozen)
 
     def _draw(self, x: Tensor, schedule, t_range) -> tuple[Tensor, Tensor]:
         rank, world = (self.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
@@ -222,7 +254,7 @@ class DMDModule(LightningModule):
             self.log(f"{name}/grad_norm", grad_norm, on_step=True)
             self.log(f"{name}/lr", sched.get_last_lr()[0], on_step=True)
         where = f"{name} update at iteration {self.iteration} (global step {self.global_step})"
-        if self.nonfinite.skip(bad, where, net):
+        if self.nonfinite.skip(bad, where, net, name):
             self.print(f"warning: non-finite {', '.join(bad)} in the {where}; update skipped")
             self.log(f"{name}/skipped", 1.0, on_step=True)
         else:
@@ -232,16 +264,20 @@ class DMDModule(LightningModule):
 
     # ------------------------------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def sample(self, z: Tensor, cond=None, ema: bool = True) -> Tensor:
-        """One network evaluation per sample, by the EMA generator unless ema=False."""
-        return (self.generator_ema if ema else self.generator)(z, cond)
+    def sample(self, z: Tensor, cond=None, ema: bool = True, seed: int = 0) -> Tensor:
+        """K network evaluations per sample (K = 1: one), by the EMA generator unless ema=False; the fresh noise
+        between steps comes from `seed`, so that validations and `dmd predict` are repeatable."""
+        net = self.generator_ema if ema else self.generator
+        if not hasattr(net, "simulate"):
+            return net(z, cond)
+        return net(z, cond, torch.Generator(device=z.device).manual_seed(seed))
 
     def on_validation_epoch_start(self) -> None:
         self.evaluators.reset()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         for evaluator, ema in self.evaluators.active().values():
-            evaluator.update(self.sample(batch["z"], batch.get("cond"), ema=ema), batch)
+            evaluator.update(self.sample(batch["z"], batch.get("cond"), ema=ema, seed=batch_idx), batch)
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict(self.evaluators.compute(), sync_dist=True)
@@ -256,7 +292,7 @@ class DMDModule(LightningModule):
         self.on_validation_epoch_end()
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        return {"x": self.sample(batch["z"], batch.get("cond")), **batch}
+        return {"x": self.sample(batch["z"], batch.get("cond"), seed=batch_idx), **batch}
 
     # ----------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -47,6 +47,12 @@ class GlobalNoise:
         eps = torch.randn((n * world, *x.shape[1:]), device=x.device, generator=self.generator)
         return t[rank * n:(rank + 1) * n], eps[rank * n:(rank + 1) * n]
 
+    def draw_index(self, n: int, device: torch.device) -> int:
+        """One index in [0, n), the same on every rank (all ranks hold the same generator state)."""
+        if self.generator is None or self.generator.device != torch.device(device):
+            self.generator = torch.Generator(device=device).manual_seed(torch.initial_seed())
+        return int(torch.randint(n, (1,), device=device, generator=self.generator))
+
     def state(self) -> Tensor | None:
         return self.generator.get_state() if self.generator is not None else None
 

@@ -61,31 +61,50 @@ class StreamDataModule(LightningDataModule):
         self.position = int(state.get("position", 0))
 
 
-class DMDDataModule(StreamDataModule):
-    """Serves {z, cond, pair_z, pair_x, pair_cond} for training and fixed {z, cond} for validation.
+class RealImages:
+    """Real training images for DMD2's GAN: `images` (N, C, H, W) in the model's space and `labels` (N,) or None.
+    A data set provides a subclass (fmnist.data.FashionMNISTImages)."""
 
-    Conditions of the DM batch are drawn with the label frequencies of the pairs (which follow the data's
-    labels); `expect` (e.g. {"teacher": ..., "sampler": "ddim", "num_steps": 50}) is checked against the
+    images: Tensor
+    labels: Tensor | None = None
+
+
+class DMDDataModule(StreamDataModule):
+    """Serves {z, cond, pair_z, pair_x, pair_cond, real_x, real_cond} for training, fixed {z, cond} for validation.
+
+    `pairs_dir` holds DMD's regression pairs (null without a regression loss); `real_images` (DMD2) adds a batch of
+    `batch_size` real images (and labels) per device and step, drawn uniformly with replacement from the same
+    seeded global stream, so that resume and DDP see exactly the batches of one uninterrupted process.
+    Conditions of the DM batch are drawn with the label frequencies of the pairs (else of the real images);
+    `expect` (e.g. {"teacher": ..., "sampler": "ddim", "num_steps": 50}) is checked against the
     settings that made the pairs. `batch_size` and `pair_batch_size` are per device; pairs are drawn uniformly
     with replacement. Validation noise comes from `val_seed` (default `seed + 1`): choose settings on one
     val_seed and report on another, so that the reported figure's samples were never looked at while tuning.
     """
 
-    def __init__(self, pairs_dir: str, batch_size: int = 64, pair_batch_size: int = 64,
+    def __init__(self, pairs_dir: str | None, batch_size: int = 64, pair_batch_size: int = 64,
                  num_classes: int | None = 10, val_size: int = 10000, val_batch_size: int = 500, seed: int = 0,
-                 val_seed: int | None = None, expect: dict | None = None):
+                 val_seed: int | None = None, expect: dict | None = None, real_images: RealImages | None = None):
         super().__init__()
+        if pairs_dir is None and real_images is None:
+            raise ConfigError("pairs_dir=None: give regression pairs (pairs_dir), real images (real_images) or both")
         for key in ("batch_size", "pair_batch_size", "val_size", "val_batch_size"):
             check_int(key, locals()[key])
         check_int("num_classes", num_classes, allow_none=True)
         check_int("seed", seed, 0)
         check_int("val_seed", val_seed, 0, allow_none=True)
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["real_images"])
         self.num_classes = num_classes
+        self.real = real_images
         self.pairs: PairDataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
-        if self.pairs is None:
+        if self.real is not None:
+            labels = self.real.labels
+            if (labels is None) != (self.hparams.num_classes is None) or (
+                    labels is not None and int(labels.max()) >= self.hparams.num_classes):
+                raise ConfigError(f"num_classes={self.hparams.num_classes} does not fit the real images' labels")
+        if self.pairs is None and self.hparams.pairs_dir is not None:
             self.pairs = PairDataset(self.hparams.pairs_dir, expect=self.hparams.expect)
             if (self.pairs.cond is None) != (self.hparams.num_classes is None):
                 raise PairsError(f"pairs in {self.hparams.pairs_dir} are {'un' if self.pairs.cond is None else ''}"
@@ -97,25 +116,34 @@ class DMDDataModule(StreamDataModule):
     @property
     def sample_shape(self) -> tuple[int, ...] | None:
         """Shape of one sample (C, H, W), which the model checks against its teacher."""
-        return tuple(self.pairs.noise.shape[1:]) if self.pairs is not None else None
+        if self.pairs is not None:
+            return tuple(self.pairs.noise.shape[1:])
+        return tuple(self.real.images.shape[1:]) if self.real is not None else None
 
     def label_probs(self) -> Tensor | None:
         if self.hparams.num_classes is None:
             return None
-        counts = torch.bincount(self.pairs.cond.long(), minlength=self.hparams.num_classes).float()
+        labels = self.pairs.cond if self.pairs is not None else self.real.labels
+        counts = torch.bincount(labels.long(), minlength=self.hparams.num_classes).float()
         return counts / counts.sum()
 
     def train_batch(self, g: torch.Generator, world: int) -> dict[str, Tensor]:
-        """A global batch: DM noise and conditions for `world` devices, and their regression pairs."""
+        """A global batch for `world` devices: DM noise and conditions, regression pairs, real images."""
         n, m = self.hparams.batch_size * world, self.hparams.pair_batch_size * world
-        out = {"z": torch.randn(n, *self.pairs.noise.shape[1:], generator=g)}
+        out = {"z": torch.randn(n, *self.sample_shape, generator=g)}
         probs = self.label_probs()
         if probs is not None:
             out["cond"] = torch.multinomial(probs, n, replacement=True, generator=g)
-        idx = torch.randint(0, len(self.pairs), (m,), generator=g)
-        out["pair_z"], out["pair_x"] = self.pairs.noise[idx].float(), self.pairs.x[idx].float()
-        if self.pairs.cond is not None:
-            out["pair_cond"] = self.pairs.cond[idx]
+        if self.pairs is not None:
+            idx = torch.randint(0, len(self.pairs), (m,), generator=g)
+            out["pair_z"], out["pair_x"] = self.pairs.noise[idx].float(), self.pairs.x[idx].float()
+            if self.pairs.cond is not None:
+                out["pair_cond"] = self.pairs.cond[idx]
+        if self.real is not None:
+            idx = torch.randint(0, len(self.real.images), (n,), generator=g)
+            out["real_x"] = self.real.images[idx].float()
+            if self.real.labels is not None:
+                out["real_cond"] = self.real.labels[idx]
         return out
 
     def train_dataloader(self) -> DataLoader:
@@ -125,7 +153,7 @@ class DMDDataModule(StreamDataModule):
         """Fixed seeded noise and balanced labels; the same for every validation and for `dmd predict`."""
         hp = self.hparams
         g = torch.Generator().manual_seed(hp.seed + 1 if hp.val_seed is None else hp.val_seed)
-        z = torch.randn(hp.val_size, *self.pairs.noise.shape[1:], generator=g)
+        z = torch.randn(hp.val_size, *self.sample_shape, generator=g)
         out = []
         for start in range(0, hp.val_size, hp.val_batch_size):
             b = {"z": z[start:start + hp.val_batch_size]}

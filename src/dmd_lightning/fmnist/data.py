@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dmd_lightning.data.stream import RealImages
 from dmd_lightning.errors import DataNotFoundError
 
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -57,3 +58,11 @@ def to_model_space(images: Tensor, size: int = 32) -> Tensor:
     x = images.float().div(127.5).sub(1).unsqueeze(1)
     pad = (size - x.shape[-1]) // 2
     return F.pad(x, (pad, size - x.shape[-1] - pad) * 2, value=-1.0) if pad > 0 else x
+
+
+class FashionMNISTImages(RealImages):
+    """A Fashion-MNIST split as real images for DMD2's GAN: (N, 1, 32, 32) in [-1, 1] and their labels."""
+
+    def __init__(self, data_root: str = DEFAULT_ROOT, split: str = "train"):
+        images, self.labels = load_fashion_mnist(data_root, split)
+        self.images = to_model_space(images)

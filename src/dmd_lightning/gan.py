@@ -1,0 +1,81 @@
+"""DMD2's GAN (Yin et al. 2024b, Sec. 4.3): a classifier on the fake score's bottleneck features tells real
+images from generator samples, both noised at the same t; its gradient also trains the fake-score backbone.
+
+The features are those of the fake-score UNet's middle block during a forward pass at (x_t, t), caught by a
+forward hook, so the fake score needs no second network. The losses are the non-saturating ones of the paper:
+the generator minimises softplus(-D(fake)), the classifier softplus(D(fake)) + softplus(-D(real)).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dmd_lightning.denoisers import Denoiser
+from dmd_lightning.errors import ConfigError
+
+
+class BottleneckClassifier(nn.Module):
+    """D(x_t, t, cond) -> one logit per sample, from the middle-block features of `denoiser` (a diffusers UNet).
+
+    Head: 3x3 conv (stride 2), GroupNorm, SiLU, global average pool, linear; small next to the backbone, as the
+    official code's conv head on its 8x8 bottleneck. Build it with the fake score's denoiser; it is trained with
+    the fake score (the module puts its parameters in the fake score's optimizer).
+    """
+
+    def __init__(self, denoiser: Denoiser, hidden: int | None = None):
+        super().__init__()
+        unet = getattr(denoiser, "unet", None)
+        if getattr(unet, "mid_block", None) is None:
+            raise ConfigError("the GAN classifier needs a fake score built on a diffusers UNet with a mid_block")
+        channels = unet.config["block_out_channels"][-1]
+        hidden = hidden or channels
+        self.head = nn.Sequential(nn.Conv2d(channels, hidden, 3, stride=2, padding=1),
+                                  nn.GroupNorm(min(32, hidden // 4) or 1, hidden), nn.SiLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(hidden, 1))
+
+    def forward(self, denoiser: Denoiser, x_t: Tensor, t: Tensor, cond=None, frozen: bool = False) -> Tensor:
+        """Logits (B,) from the features of `denoiser` (the fake score this head was built for) at (x_t, t).
+
+        frozen: the gradient reaches x_t only, not the fake score or this head (the generator's GAN term): their
+        parameters enter detached, so no backward pass of the generator's loss touches them (which DDP requires).
+        """
+        caught = []
+
+        def catch(module, inputs, output):
+            caught.append(output)
+            raise _Caught  # the up-sampling half is not needed: stop the forward pass here
+
+        hook = denoiser.unet.mid_block.register_forward_hook(catch)
+        try:
+            if frozen:
+                torch.func.functional_call(denoiser, _detached(denoiser), (x_t, t, cond))
+            else:
+                denoiser(x_t, t, cond)
+        except _Caught:
+            pass
+        finally:
+            hook.remove()
+        features = caught[0].float()
+        if frozen:
+            return torch.func.functional_call(self.head, _detached(self.head), (features,)).squeeze(1)
+        return self.head(features).squeeze(1)
+
+
+def _detached(net: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach() for k, v in net.named_parameters()}
+
+
+class _Caught(Exception):
+    pass
+
+
+def gan_generator_loss(logits_fake: Tensor) -> Tensor:
+    """Non-saturating generator loss: softplus(-D(G(z)))."""
+    return F.softplus(-logits_fake).mean()
+
+
+def gan_classifier_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
+    """Classifier loss: softplus(D(fake)) + softplus(-D(real)) (real images labelled 1, samples 0)."""
+    return F.softplus(logits_fake).mean() + F.softplus(-logits_real).mean()

@@ -1,0 +1,121 @@
+"""DMD2 on a tiny UNet: the GAN classifier on the fake score's bottleneck, the real-image stream, the multi-step
+generator with backward simulation; which loss reaches which network; exact resume with all of it on."""
+
+import pytest
+import torch
+from conftest import tiny_unet
+from lightning import Trainer
+
+from dmd_lightning import DMDModule, UNetDenoiser, VPSchedule
+from dmd_lightning.checkpoint import ModelCheckpoint
+from dmd_lightning.data.stream import DMDDataModule, RealImages
+from dmd_lightning.errors import ConfigError
+from dmd_lightning.gan import BottleneckClassifier, gan_classifier_loss, gan_generator_loss
+from dmd_lightning.generator import MultiStepGenerator
+
+
+class RandomImages(RealImages):
+    def __init__(self, n: int = 64):
+        g = torch.Generator().manual_seed(5)
+        self.images, self.labels = torch.rand(n, 1, 16, 16, generator=g) * 2 - 1, torch.arange(n) % 10
+
+
+def teacher() -> UNetDenoiser:
+    torch.manual_seed(0)
+    unet, _ = tiny_unet(prediction_type="v_prediction")
+    return UNetDenoiser(unet, VPSchedule(prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                                         timestep_spacing="trailing"))
+
+
+def dmd2(steps=(999,), **kw) -> DMDModule:
+    t = teacher()
+    generator = MultiStepGenerator.from_teacher(t, steps) if len(steps) > 1 else None
+    args = dict(regression_loss=None, gan_generator_weight=3e-3, gan_classifier_weight=1e-2, warmup_steps=0,
+                generator_lr=1e-3, fake_lr=1e-3, fake_updates_per_generator_update=2)
+    return DMDModule(t, generator, **{**args, **kw})
+
+
+def fit(module, tmp_path, max_steps, ckpt_path=None, callbacks=()):
+    trainer = Trainer(max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      default_root_dir=tmp_path, limit_val_batches=0, accelerator="cpu", callbacks=list(callbacks))
+    data = DMDDataModule(None, batch_size=4, real_images=RandomImages(), val_size=8, val_batch_size=8)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_classifier_reads_the_fake_scores_bottleneck_and_its_losses_are_non_saturating():
+    m = dmd2()
+    clf = m.classifier
+    assert isinstance(clf, BottleneckClassifier)
+    assert not any(p is q for p in clf.parameters() for q in m.fake_score.parameters())  # a head, not a copy
+    x, t = torch.randn(3, 1, 16, 16), torch.tensor([10, 500, 999])
+    logits = clf(m.fake_score, x, t, torch.tensor([1, 2, 3]))
+    assert logits.shape == (3,)
+    logits.sum().backward()  # the classifier's gradient reaches the fake-score backbone (DMD2)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.fake_score.unet.mid_block.parameters())
+    assert all(p.grad is None for p in m.fake_score.unet.up_blocks.parameters())  # the forward stopped at the bottleneck
+    zero = torch.zeros(4)
+    torch.testing.assert_close(gan_generator_loss(zero), torch.log(torch.tensor(2.0)))
+    torch.testing.assert_close(gan_classifier_loss(torch.full((4,), 20.0), torch.full((4,), -20.0)),
+                               torch.tensor(0.0), atol=1e-8, rtol=0)
+
+
+def test_each_loss_reaches_only_the_networks_it_should(tmp_path, monkeypatch):
+    m = dmd2()
+    seen = []
+    original = DMDModule._step
+
+    def record(self, opt, sched, net, loss, terms, name):
+        others = [p for p in self.parameters() if p.requires_grad and not any(p is q for g in opt.optimizer.param_groups
+                                                                              for q in g["params"])]
+        assert all(p.grad is None for p in others), f"{name}: another network holds gradients before its backward"
+        original(self, opt, sched, net, loss, terms, name)
+        assert all(p.grad is None for p in others), f"{name}'s loss reached another network"
+        seen.append((name, sorted(terms)))
+
+    monkeypatch.setattr(DMDModule, "_step", record)
+    fit(m, tmp_path, max_steps=3)  # iteration 1: generator + fake score; iteration 2: fake score only
+    assert seen == [("generator", ["dm", "gan"]), ("fake_score", ["classifier", "denoising"]),
+                    ("fake_score", ["classifier", "denoising"])]
+
+
+def test_backward_simulation_runs_the_earlier_steps_without_gradient():
+    g = MultiStepGenerator.from_teacher(teacher(), (999, 600, 300))
+    z, cond = torch.randn(2, 1, 16, 16), torch.tensor([0, 1])
+    eps = [torch.randn_like(z), torch.randn_like(z)]
+    x2 = g.simulate(z, 2, cond, eps=eps)
+    assert not x2.requires_grad and x2.grad_fn is None
+    with torch.no_grad():  # by hand: x_0 at 999, noised to 600, x_0, noised to 300
+        x0 = g.step(z, 0, cond)
+        x1 = g.denoiser.schedule.add_noise(x0, eps[0], torch.full((2,), 600))
+        expected = g.denoiser.schedule.add_noise(g.step(x1, 1, cond), eps[1], torch.full((2,), 300))
+    torch.testing.assert_close(x2, expected)
+    out = g.step(x2, 2, cond)
+    out.sum().backward()  # the gradient flows through the last step only: the earlier ones made a constant input
+    assert all(p.grad is not None for p in g.parameters() if p.requires_grad)
+    a = g(z, cond, torch.Generator().manual_seed(3))
+    b = g(z, cond, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(a, b)  # K-step sampling is repeatable from its seed
+
+
+def test_multi_step_generators_refuse_regression_and_bad_timesteps():
+    with pytest.raises(ConfigError, match="one-step generator"):
+        dmd2(steps=(999, 499), regression_loss=torch.nn.MSELoss(), regression_weight=0.25)
+    with pytest.raises(ConfigError, match="decreasing"):
+        MultiStepGenerator(teacher(), (499, 999))
+
+
+@pytest.mark.parametrize("steps", [(999,), (999, 499)], ids=["one step", "two steps"])
+def test_resume_with_the_gan_and_the_real_image_stream_continues_exactly(tmp_path, steps):
+    torch.manual_seed(0)
+    straight = dmd2(steps)
+    fit(straight, tmp_path / "a", max_steps=9)
+    torch.manual_seed(0)
+    first = dmd2(steps)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "b", save_last=True, every_n_train_steps=100)
+    fit(first, tmp_path / "b", max_steps=4, callbacks=[ckpt])
+    torch.manual_seed(0)
+    resumed = dmd2(steps)
+    fit(resumed, tmp_path / "b", max_steps=9, ckpt_path=str(tmp_path / "b" / "last.ckpt"))
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)

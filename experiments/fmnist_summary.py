@@ -80,7 +80,7 @@ def fid_curve(run_dir: Path) -> list[tuple[int, float]]:
 def table(work: str) -> str:
     work = Path(work)
     t = json.loads((work / "teacher_pairs.json").read_text())
-    lines = [f"| model | iterations | FID (report seeds) | KID | FID (validation seeds) | / teacher | EMA FID every 100 iterations |",
+    lines = ["| model | iterations | FID (report seeds) | KID | FID (validation seeds) | / teacher | EMA FID every 100 iterations |",
              "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
              f"| teacher, {t['sampler']} {t['num_steps']} steps (its pairs) | | {t['fid']:.2f} | {t['kid']:.4f} | | 1.00 | |"]
     for run in sorted((work / "runs").iterdir()):

@@ -25,6 +25,8 @@ def test_config_parses(config, capsys):
 SHIPPED = {  # config -> (model class, data class) its instantiation must give
     "toy2d.yaml": ("DMDModule", "ToyDataModule"),
     "fmnist.yaml": ("DMDModule", "DMDDataModule"),
+    "fmnist_dmd2.yaml": ("DMDModule", "DMDDataModule"),
+    "fmnist_dmd2_4step.yaml": ("DMDModule", "DMDDataModule"),
     "fmnist_pairs.yaml": ("PairGenerator", "PairGenerationDataModule"),
     "fmnist_teacher.yaml": ("TeacherModule", "FashionMNISTDataModule"),
 }

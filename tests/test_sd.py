@@ -218,16 +218,23 @@ def test_validate_decodes_resizes_and_calls_fidelity_with_local_inception(sd, te
     assert torch.equal(evaluator.samples[0][0].permute(1, 2, 0), expected)
 
 
-def test_export_is_a_one_step_diffusers_pipeline(sd, teacher, tmp_path):
+def exported(module, tmp_path):
+    """`dmd export` of the module, with an EMA generator that differs from the teacher, loaded by diffusers."""
     from diffusers import StableDiffusionPipeline
 
-    module = DMDModule(teacher)
-    with torch.no_grad():  # an EMA generator that differs from the teacher
+    with torch.no_grad():
         for p in module.generator_ema.parameters():
             p.add_(0.01 * torch.randn_like(p))
     DMDTrainer(logger=False).export(module, out_dir=str(tmp_path / "export"))
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "export"))
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_export_is_a_one_step_diffusers_pipeline(sd, teacher, tmp_path):
+
+    module = DMDModule(teacher)
+    pipe = exported(module, tmp_path)
     z = torch.randn(2, 4, 8, 8)
     out = pipe(PROMPTS[:2], num_inference_steps=1, guidance_scale=1.0, latents=z, output_type="pt").images
     assert pipe.scheduler.timesteps.tolist() == [999]
@@ -311,3 +318,41 @@ def test_sample_writer_decodes_latents_and_keeps_the_prompts(sd, tmp_path, suffi
         assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000000.txt", "000001.png", "000001.txt"]
         assert np.array_equal(np.asarray(Image.open(out / "000001.png")), expected[1])
         assert (out / "000000.txt").read_text() == PROMPTS[0] + "\n"
+
+
+def test_sd15_dmd2_config_fits_without_pairs(sd, tmp_path):
+    """configs/sd15_dmd2.yaml (the paper's first DMD2 stage) as is, but for paths and sizes: no pairs are read."""
+    import yaml
+
+    override = {
+        "trainer": {"accelerator": "cpu", "devices": 1, "strategy": "auto", "precision": "32-true", "max_steps": 3,
+                    "limit_val_batches": 0, "logger": False, "callbacks": None, "enable_checkpointing": False,
+                    "default_root_dir": str(tmp_path), "enable_progress_bar": False},
+        "model": {"init_args": {"teacher": {"init_args": {"path": sd["pipe"], "embedding_cache": sd["cache"]}},
+                                "evaluator": None}},
+        "data": {"init_args": {"prompts": sd["prompts"], "text_encoder": sd["pipe"], "embedding_cache": sd["cache"],
+                               "batch_size": 1, "val_prompts": None, "latent_shape": [4, 8, 8]}},
+    }
+    (tmp_path / "override.yaml").write_text(yaml.safe_dump(override))
+    run = cli(["fit", "--config", "configs/sd15_dmd2.yaml", "--config", str(tmp_path / "override.yaml")])
+    m = run.model
+    assert m.hparams.guidance_scale == 1.75 and m.hparams.generator_lr == m.hparams.fake_lr == 1e-5
+    assert m.hparams.fake_updates_per_generator_update == 10 and m.regression_loss is None
+    assert run.datamodule.pairs is None and m.iteration == 2  # 3 optimizer steps: generator + fake, then fake
+
+
+def test_a_multi_step_export_samples_as_the_generator(sd, teacher, tmp_path):
+
+    from dmd_lightning.generator import MultiStepGenerator
+
+    module = DMDModule(teacher, MultiStepGenerator.from_teacher(teacher, (999, 499)), regression_loss=None)
+    pipe = exported(module, tmp_path)
+    z = torch.randn(2, 4, 8, 8)
+    out = pipe(PROMPTS[:2], timesteps=[999, 499], guidance_scale=1.0, latents=z, output_type="pt",
+               generator=torch.Generator().manual_seed(7)).images
+    assert pipe.scheduler.timesteps.tolist() == [999, 499]
+    with torch.no_grad():  # the same fresh noise between the steps: both draw it from the generator, in order
+        x = module.generator_ema(z, embed(sd, PROMPTS[:2]), torch.Generator().manual_seed(7))
+        expected = (decode_latents(load_vae(sd["pipe"]), x) / 2 + 0.5).clamp(0, 1)
+    torch.testing.assert_close(out, expected, atol=5e-3, rtol=0)
+    assert "timesteps=[999, 499]" in (tmp_path / "export" / "README.md").read_text()

@@ -171,14 +171,16 @@ class SDDMDDataModule(StreamDataModule):
     {z, cond, prompt_index, prompt}.
 
     The DM batch is fresh latent noise with prompts drawn uniformly from `prompts`; the regression batch is
-    drawn from the latent pairs of `pairs_dir` with their own prompts' embeddings. Validation uses the first
+    drawn from the latent pairs of `pairs_dir` with their own prompts' embeddings (none with `pairs_dir: null`,
+    for DMD2 without regression; the latents then have `latent_shape`). Validation uses the first
     `val_size` prompts of `val_prompts` (default: `prompts`), in order, e.g. COCO-30k captions. All embeddings
     come from PromptEmbeddings' cache (built in prepare_data, memory-mapped in setup). Sizes are per device.
     """
 
-    def __init__(self, pairs_dir: str, prompts: str, text_encoder: str, embedding_cache: str = "runs/prompt_cache",
+    def __init__(self, pairs_dir: str | None, prompts: str, text_encoder: str, embedding_cache: str = "runs/prompt_cache",
                  batch_size: int = 8, pair_batch_size: int = 8, val_prompts: str | None = None, val_size: int = 1000,
-                 val_batch_size: int = 16, seed: int = 0, expect: dict | None = None):
+                 val_batch_size: int = 16, seed: int = 0, expect: dict | None = None,
+                 latent_shape: list[int] = [4, 64, 64]):
         super().__init__()
         self.save_hyperparameters()
         self.embedder = PromptEmbeddings(text_encoder, embedding_cache)
@@ -188,7 +190,7 @@ class SDDMDDataModule(StreamDataModule):
         hp = self.hparams
         return {"train": read_prompts(hp.prompts), "val": read_prompts(hp.val_prompts or hp.prompts),
                 "pairs": json.loads((Path(hp.pairs_dir) / PROMPTS).read_text())
-                if (Path(hp.pairs_dir) / PROMPTS).is_file() else []}
+                if hp.pairs_dir is not None and (Path(hp.pairs_dir) / PROMPTS).is_file() else []}
 
     def _device(self):
         return self.trainer.strategy.root_device if self.trainer is not None else "cpu"
@@ -199,29 +201,37 @@ class SDDMDDataModule(StreamDataModule):
                 self.embedder.build(prompts, self._device())
 
     def setup(self, stage: str | None = None) -> None:
-        if self.pairs is not None:
+        if self.pairs is not None or getattr(self, "val_prompts", None) is not None:
             return
         lists = self.prompt_lists()
-        self.pairs = LatentPairDataset(self.hparams.pairs_dir, expect=self.hparams.expect)
+        if self.hparams.pairs_dir is not None:
+            self.pairs = LatentPairDataset(self.hparams.pairs_dir, expect=self.hparams.expect)
         self.val_prompts = lists["val"]
         self.embeddings = {k: self.embedder.load(v, self._device()) for k, v in lists.items()}
 
     def train_batch(self, g: torch.Generator, world: int) -> dict[str, Tensor]:
         """A global batch: latent noise with random prompts for `world` devices, and their regression pairs."""
         n, m = self.hparams.batch_size * world, self.hparams.pair_batch_size * world
-        z = torch.randn(n, *self.pairs.noise.shape[1:], generator=g)
+        z = torch.randn(n, *self.sample_shape, generator=g)
         prompt = torch.randint(0, len(self.embeddings["train"]), (n,), generator=g)
-        idx = torch.randint(0, len(self.pairs), (m,), generator=g)
-        return {"z": z, "cond": self.embeddings["train"][prompt].float(),
-                "pair_z": self.pairs.noise[idx].float(), "pair_x": self.pairs.x[idx].float(),
-                "pair_cond": self.embeddings["pairs"][self.pairs.prompt_index[idx]].float()}
+        out = {"z": z, "cond": self.embeddings["train"][prompt].float()}
+        if self.pairs is not None:
+            idx = torch.randint(0, len(self.pairs), (m,), generator=g)
+            out.update(pair_z=self.pairs.noise[idx].float(), pair_x=self.pairs.x[idx].float(),
+                       pair_cond=self.embeddings["pairs"][self.pairs.prompt_index[idx]].float())
+        return out
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one latent (C, H, W), which the model checks against its teacher."""
+        return tuple(self.pairs.noise.shape[1:]) if self.pairs is not None else tuple(self.hparams.latent_shape)
 
     def train_dataloader(self) -> DataLoader:
         return self.stream_loader(self.train_batch, self.hparams.seed)
 
     def val_dataloader(self) -> DataLoader:
         hp = self.hparams
-        batches = _ValBatches(self.val_prompts, self.embeddings["val"], list(self.pairs.noise.shape[1:]),
+        batches = _ValBatches(self.val_prompts, self.embeddings["val"], list(self.sample_shape),
                               hp.val_size, hp.val_batch_size, hp.seed + 1)
         return DataLoader(batches, batch_size=None)
 

@@ -46,9 +46,21 @@ def generator_unet(generator: nn.Module) -> nn.Module:
     return unet
 
 
+def multi_step_scheduler(teacher_scheduler_config: dict):
+    """An LCMScheduler on the teacher's schedule: at each of the timesteps the pipeline is given it takes the UNet's
+    x_0 and noises it afresh to the next one, as MultiStepGenerator samples (LCM's boundary scalings c_skip and
+    c_out are 1e-7 away from 0 and 1 at timesteps of 100 and more)."""
+    from diffusers import LCMScheduler
+
+    config = {k: v for k, v in dict(teacher_scheduler_config).items() if not k.startswith("_")}
+    return LCMScheduler.from_config({**config, "timestep_spacing": "trailing", "clip_sample": False,
+                                     "thresholding": False, "steps_offset": 0})
+
+
 def export_pipeline(generator: nn.Module, teacher_path: str, out_dir: str | Path, dtype: str = "float32") -> Path:
     """Write a StableDiffusionPipeline folder: the generator's UNet, the teacher's VAE, text encoder and tokenizer
-    (loaded from `teacher_path`, a pipeline folder or hub id) and the one-step scheduler. No safety checker."""
+    (loaded from `teacher_path`, a pipeline folder or hub id) and the one-step scheduler, or for a multi-step
+    generator an LCMScheduler called with its timesteps. No safety checker."""
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -58,22 +70,26 @@ def export_pipeline(generator: nn.Module, teacher_path: str, out_dir: str | Path
     if unet.is_gradient_checkpointing:
         unet.disable_gradient_checkpointing()
     scheduler_config = DDPMScheduler.load_config(teacher_path, subfolder="scheduler")
+    steps = list(getattr(generator, "timesteps", (generator.timestep,)))
+    scheduler = one_step_scheduler(scheduler_config) if len(steps) == 1 else multi_step_scheduler(scheduler_config)
     pipe = StableDiffusionPipeline(
         vae=load_pretrained(AutoencoderKL, teacher_path, "vae", torch_dtype=DTYPES[dtype]),
         text_encoder=load_pretrained(CLIPTextModel, teacher_path, "text_encoder", torch_dtype=DTYPES[dtype]),
         tokenizer=load_pretrained(CLIPTokenizer, teacher_path, "tokenizer"),
-        unet=unet, scheduler=one_step_scheduler(scheduler_config),
+        unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     out = Path(out_dir)
     pipe.save_pretrained(str(out))
+    call = ("num_inference_steps=1" if len(steps) == 1 else f"timesteps={steps}")
     (out / "README.md").write_text(
-        "# One-step generator distilled with DMD (dmd-lightning)\n\n"
+        f"# {len(steps)}-step generator distilled with DMD (dmd-lightning)\n\n"
         "```python\nfrom diffusers import StableDiffusionPipeline\n"
         f"pipe = StableDiffusionPipeline.from_pretrained({str(out)!r})\n"
-        "image = pipe(prompt, num_inference_steps=1, guidance_scale=1.0).images[0]\n```\n\n"
-        "One step only: the scheduler's single trailing DDIM step returns the generator's x0 from noise at "
-        "t = T-1. No classifier-free guidance (guidance_scale=1.0): the guidance was distilled into the UNet.\n")
+        f"image = pipe(prompt, {call}, guidance_scale=1.0).images[0]\n```\n\n"
+        + ("One step: the scheduler's single trailing DDIM step returns the generator's x0 from noise at t = T-1. "
+           if len(steps) == 1 else f"Exactly these timesteps: x0 at each, noised afresh to the next ({steps}). ")
+        + "No classifier-free guidance (guidance_scale=1.0): the guidance was distilled into the UNet.\n")
     return out
 
 

@@ -1,9 +1,14 @@
-"""Seconds per DMD training iteration and peak GPU memory for an SD1.5-architecture UNet at 512x512.
+"""Seconds per DMD training iteration, MFU and peak GPU memory for an SD1.5-architecture UNet at 512x512, with the
+networks eager and compiled (DMDModule(compile=True)) side by side.
 
 Random weights built from SD1.5's published UNet config (nothing downloaded); bf16 mixed precision; the real
 DMDModule stepped by Lightning's Trainer: generator forward + backward (DM loss, guidance 3 on the real side),
 teacher forward x2 (CFG), fake forward, fake-score update. The regression term (LPIPS through the VAE) is not
-included. python experiments/bench_sd15_step.py [--tiny] [--batch-sizes 1 4 8]
+included. FLOPs per iteration: counted with torch.utils.flop_counter on the eager run's first iteration
+(perf.Throughput), the same for the compiled one; with gradient checkpointing they include the recomputed
+forward passes (hardware FLOPs, a little above the model's). MFU against the card's dense bf16 peak (Lightning's
+table).
+python experiments/bench_sd15_step.py [--tiny] [--batch-sizes 1 4 8 16] [--no-compile] [--no-checkpointing-too]
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from lightning import Callback, Trainer
 from torch.utils.data import DataLoader, IterableDataset
 
 from dmd_lightning import DMDModule, UNetDenoiser, VPSchedule
+from dmd_lightning.perf import Throughput, peak_flops
 from dmd_lightning.tools.bench_cases import SD15_UNET, TINY_SD_UNET
 
 
@@ -42,7 +48,7 @@ class StepTimer(Callback):
         self.times.append(time.perf_counter() - self.start)
 
 
-def measure(config: dict, batch: int, checkpointing: bool, iterations: int, warmup: int) -> dict:
+def measure(config: dict, batch: int, checkpointing: bool, iterations: int, warmup: int, compile: bool = False) -> dict:
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
@@ -52,45 +58,62 @@ def measure(config: dict, batch: int, checkpointing: bool, iterations: int, warm
         unet.enable_gradient_checkpointing()
     schedule = VPSchedule(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     null = torch.zeros(1, 77, config["cross_attention_dim"])
-    module = DMDModule(UNetDenoiser(unet, schedule, null_embedding=null), guidance_scale=3.0, regression_loss=None)
-    timer = StepTimer()
+    module = DMDModule(UNetDenoiser(unet, schedule, null_embedding=null), guidance_scale=3.0, regression_loss=None,
+                       compile=compile)
+    timer, perf = StepTimer(), Throughput()
     gpu = torch.cuda.is_available()
     trainer = Trainer(accelerator="gpu" if gpu else "cpu", devices=1, precision="bf16-mixed" if gpu else "32-true",
                       max_steps=2 * (iterations + warmup), logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])
+                      enable_progress_bar=False, enable_model_summary=False,
+                      callbacks=[timer] if compile else [timer, perf])
     data = DataLoader(Synthetic(batch, config["sample_size"], config["cross_attention_dim"]), batch_size=None)
     if gpu:
         torch.cuda.reset_peak_memory_stats()
     try:
         trainer.fit(module, data)
     except torch.OutOfMemoryError:
-        return {"batch": batch, "checkpointing": checkpointing, "s_per_iteration": None, "peak_gib": "OOM"}
+        return {"batch": batch, "checkpointing": checkpointing, "compiled": compile, "s_per_iteration": None,
+                "peak_gib": "OOM", "flops": None}
     times = sorted(timer.times[warmup:])
     peak = torch.cuda.max_memory_allocated() / 2**30 if gpu else float("nan")
     del module, trainer
     torch.cuda.empty_cache() if gpu else None
-    return {"batch": batch, "checkpointing": checkpointing, "s_per_iteration": times[len(times) // 2],
-            "peak_gib": round(peak, 1)}
+    return {"batch": batch, "checkpointing": checkpointing, "compiled": compile, "s_per_iteration": times[len(times) // 2],
+            "peak_gib": round(peak, 1), "flops": perf.flops_per_iteration}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="a tiny UNet of the same layout, for a CPU smoke test")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8, 16])
     p.add_argument("--iterations", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--no-compile", action="store_true", help="eager rows only")
+    p.add_argument("--no-checkpointing-too", action="store_true", help="also rows without gradient checkpointing")
     a = p.parse_args()
     config = TINY_SD_UNET if a.tiny else SD15_UNET
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    peak = peak_flops(torch.device("cuda" if torch.cuda.is_available() else "cpu"), "bf16-mixed")
     print(f"DMD training iteration, SD1.5 UNet layout{' (tiny)' if a.tiny else ''}, 512x512 (64x64 latents), {device}")
-    print(f"{'batch':>5} {'grad ckpt':>9} {'s/iteration':>12} {'peak GiB':>9}", flush=True)
+    print(f"{'batch':>5} {'grad ckpt':>9} {'compiled':>8} {'s/iteration':>12} {'TFLOP/it':>9} {'MFU':>6} "
+          f"{'x eager':>8} {'peak GiB':>9}", flush=True)
     rows = []
-    for ckpt in (True, False):  # without checkpointing last: an out-of-memory there cannot spoil the rest
+    for ckpt in (True, False) if a.no_checkpointing_too else (True,):  # an out-of-memory without it comes last
         for b in a.batch_sizes:
-            r = measure(config, b, ckpt, a.iterations, a.warmup)
-            rows.append(r)
-            s = f"{r['s_per_iteration']:.3f}" if r["s_per_iteration"] is not None else "-"
-            print(f"{b:>5} {str(ckpt):>9} {s:>12} {r['peak_gib']!s:>9}", flush=True)
+            eager = measure(config, b, ckpt, a.iterations, a.warmup)
+            rows.append(eager)
+            if not a.no_compile:
+                compiled = measure(config, b, ckpt, a.iterations, a.warmup, compile=True)
+                compiled["flops"] = eager["flops"]  # the same math; FlopCounterMode does not see into compiled graphs
+                rows.append(compiled)
+            for r in rows[-1 if a.no_compile else -2:]:
+                s, f = r["s_per_iteration"], r["flops"]
+                r["mfu"] = f / s / peak if s and f and peak else None
+                r["speedup"] = eager["s_per_iteration"] / s if s and eager["s_per_iteration"] else None
+                cells = [f"{s:.3f}" if s else "-", f"{f / 1e12:.2f}" if f else "-",
+                         f"{r['mfu']:.1%}" if r["mfu"] else "-", f"{r['speedup']:.2f}" if r["speedup"] else "-"]
+                print(f"{b:>5} {str(ckpt):>9} {str(r['compiled']):>8} {cells[0]:>12} {cells[1]:>9} {cells[2]:>6} "
+                      f"{cells[3]:>8} {r['peak_gib']!s:>9}", flush=True)
     print(json.dumps({"device": device, "rows": rows}))
 
 

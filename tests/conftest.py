@@ -4,6 +4,8 @@ import warnings
 import pytest
 import torch
 
+from dmd_lightning.data.stream import RealImages
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
@@ -49,3 +51,33 @@ def fit(module, max_steps, tmp_path, ckpt_path=None, **kw):
     trainer.fit(module, datamodule=ToyDataModule(batch_size=32, pair_batch_size=16, num_pairs=64, sampler_steps=10),
                 ckpt_path=ckpt_path)
     return trainer
+
+
+class RandomImages(RealImages):
+    """64 random 1x16x16 images with labels 0..9, as real images for the GAN."""
+
+    def __init__(self, n: int = 64):
+        g = torch.Generator().manual_seed(5)
+        self.images, self.labels = torch.rand(n, 1, 16, 16, generator=g) * 2 - 1, torch.arange(n) % 10
+
+
+def teacher_v():
+    """A tiny v-prediction UNet teacher on a zero-terminal-SNR schedule, as teacher v2 is."""
+    from dmd_lightning import UNetDenoiser, VPSchedule
+
+    torch.manual_seed(0)
+    unet, _ = tiny_unet(prediction_type="v_prediction")
+    return UNetDenoiser(unet, VPSchedule(prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                                         timestep_spacing="trailing"))
+
+
+def dmd2(steps=(999,), **kw):
+    """DMD2 on the tiny teacher: GAN weights of the paper, no regression, two fake updates per generator update."""
+    from dmd_lightning import DMDModule
+    from dmd_lightning.generator import MultiStepGenerator
+
+    t = teacher_v()
+    generator = MultiStepGenerator.from_teacher(t, steps) if len(steps) > 1 else None
+    args = dict(regression_loss=None, gan_generator_weight=3e-3, gan_classifier_weight=1e-2, warmup_steps=0,
+                generator_lr=1e-3, fake_lr=1e-3, fake_updates_per_generator_update=2)
+    return DMDModule(t, generator, **{**args, **kw})

@@ -62,7 +62,7 @@ class SaveGradients(Callback):
 
 def train_dmd2(tmp_path, devices: int, batch: int, strategy: str = "auto", steps: int = 2):
     """DMD2 on a tiny UNet: GAN classifier, real-image stream, two-step generator with backward simulation."""
-    from test_gan import RandomImages, dmd2
+    from conftest import RandomImages, dmd2
 
     from dmd_lightning.data.stream import DMDDataModule
 

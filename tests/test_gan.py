@@ -3,36 +3,15 @@ generator with backward simulation; which loss reaches which network; exact resu
 
 import pytest
 import torch
-from conftest import tiny_unet
+from conftest import RandomImages, dmd2, teacher_v
 from lightning import Trainer
 
-from dmd_lightning import DMDModule, UNetDenoiser, VPSchedule
+from dmd_lightning import DMDModule
 from dmd_lightning.checkpoint import ModelCheckpoint
-from dmd_lightning.data.stream import DMDDataModule, RealImages
+from dmd_lightning.data.stream import DMDDataModule
 from dmd_lightning.errors import ConfigError
 from dmd_lightning.gan import BottleneckClassifier, gan_classifier_loss, gan_generator_loss
 from dmd_lightning.generator import MultiStepGenerator
-
-
-class RandomImages(RealImages):
-    def __init__(self, n: int = 64):
-        g = torch.Generator().manual_seed(5)
-        self.images, self.labels = torch.rand(n, 1, 16, 16, generator=g) * 2 - 1, torch.arange(n) % 10
-
-
-def teacher() -> UNetDenoiser:
-    torch.manual_seed(0)
-    unet, _ = tiny_unet(prediction_type="v_prediction")
-    return UNetDenoiser(unet, VPSchedule(prediction_type="v_prediction", rescale_betas_zero_snr=True,
-                                         timestep_spacing="trailing"))
-
-
-def dmd2(steps=(999,), **kw) -> DMDModule:
-    t = teacher()
-    generator = MultiStepGenerator.from_teacher(t, steps) if len(steps) > 1 else None
-    args = dict(regression_loss=None, gan_generator_weight=3e-3, gan_classifier_weight=1e-2, warmup_steps=0,
-                generator_lr=1e-3, fake_lr=1e-3, fake_updates_per_generator_update=2)
-    return DMDModule(t, generator, **{**args, **kw})
 
 
 def fit(module, tmp_path, max_steps, ckpt_path=None, callbacks=()):
@@ -80,7 +59,7 @@ def test_each_loss_reaches_only_the_networks_it_should(tmp_path, monkeypatch):
 
 
 def test_backward_simulation_runs_the_earlier_steps_without_gradient():
-    g = MultiStepGenerator.from_teacher(teacher(), (999, 600, 300))
+    g = MultiStepGenerator.from_teacher(teacher_v(), (999, 600, 300))
     z, cond = torch.randn(2, 1, 16, 16), torch.tensor([0, 1])
     eps = [torch.randn_like(z), torch.randn_like(z)]
     x2 = g.simulate(z, 2, cond, eps=eps)
@@ -102,7 +81,7 @@ def test_multi_step_generators_refuse_regression_and_bad_timesteps():
     with pytest.raises(ConfigError, match="one-step generator"):
         dmd2(steps=(999, 499), regression_loss=torch.nn.MSELoss(), regression_weight=0.25)
     with pytest.raises(ConfigError, match="decreasing"):
-        MultiStepGenerator(teacher(), (499, 999))
+        MultiStepGenerator(teacher_v(), (499, 999))
 
 
 @pytest.mark.parametrize("steps", [(999,), (999, 499)], ids=["one step", "two steps"])

@@ -42,6 +42,8 @@ def check_dmd_arguments(hp) -> None:
     check_number("ema_decay", hp.ema_decay, 0.0, 1.0)
     check_choice("on_nonfinite", hp.on_nonfinite, ("skip", "stop"))
     check_int("max_consecutive_skips", hp.max_consecutive_skips)
+    check_number("gan_generator_weight", hp.gan_generator_weight, 0.0)
+    check_number("gan_classifier_weight", hp.gan_classifier_weight, 0.0)
 
 
 def check_same_model(own: dict, state: dict) -> None:

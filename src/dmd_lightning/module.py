@@ -82,6 +82,8 @@ class DMDModule(LightningModule):
         validate_raw: bool = False,
         gan_generator_weight: float = 0.0,
         gan_classifier_weight: float = 0.0,
+        compile: bool = False,
+        compile_backend: str = "inductor",
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["teacher", "generator", "fake_score", "regression_loss", "evaluator"])
@@ -115,6 +117,15 @@ class DMDModule(LightningModule):
         self.teacher.eval()  # frozen networks stay in eval mode through Lightning's .train() calls
         self.generator_ema.eval()
         return self
+
+    def configure_model(self) -> None:
+        """`compile`: the generator's, fake score's and teacher's networks (not this module) compiled in place with
+        torch.compile, parameters and state-dict keys unchanged; `compile_backend` "aot_eager" captures the graphs
+        without generating code (tests). Nothing flips requires_grad between the phases, so no recompiles."""
+        if self.hparams.compile and not getattr(self, "_compiled", False):
+            for net in (self.generator, self.fake_score, self.teacher):
+                getattr(net, "unet", net).compile(backend=self.hparams.compile_backend)
+            self._compiled = True
 
     def setup(self, stage: str) -> None:
         shape = getattr(getattr(self.trainer, "datamodule", None), "sample_shape", None)

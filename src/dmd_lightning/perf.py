@@ -1,0 +1,80 @@
+"""Speed as model FLOPs utilisation (MFU): the FLOPs a training iteration asks of the hardware, counted with
+torch.utils.flop_counter, over the time it takes and the card's dense peak for the training dtype (Lightning's
+table of cards, `get_available_flops`; none for CPUs, where only rates are logged).
+
+`Throughput` is a callback: it counts the FLOPs of the first iterations of a fit (one generator iteration and the
+fake-score-only ones of the two time-scale rule, averaged as the rule mixes them) and then, every
+`log_every_n_steps`, logs `perf/iterations_per_s`, `perf/samples_per_s` (the DM batch over all devices) and
+`perf/mfu`. It synchronises the device only on those logging steps; the counting iterations are not timed.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from lightning import Callback
+from lightning.fabric.utilities.throughput import get_available_flops
+from torch.utils.flop_counter import FlopCounterMode
+
+PRECISION_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16,
+                    "16-true": torch.float16, "32-true": torch.float32, "32": torch.float32}
+
+
+def count_flops(fn) -> int:
+    """FLOPs of the operators `fn()` runs (forward and backward), counted by torch.utils.flop_counter."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    """The card's dense peak FLOP/s for the precision's dtype (Lightning's table); None where unknown (CPUs)."""
+    dtype = PRECISION_DTYPES.get(str(precision), torch.float32)
+    if device.type != "cuda":
+        return None
+    return get_available_flops(device, dtype)
+
+
+class Throughput(Callback):
+    """Logs perf/iterations_per_s, perf/samples_per_s and perf/mfu (see the module docstring)."""
+
+    def __init__(self, count_iterations: int | None = None):
+        self.count_iterations = count_iterations  # default: 1 + the fake-only iterations of one update cycle
+        self.flops_per_iteration: float | None = None
+        self._counted: list[int] = []
+        self._counter: FlopCounterMode | None = None
+        self._last: tuple[float, int] | None = None  # (time, iteration) at the last logging step
+
+    def _cycle(self, pl_module) -> int:
+        if self.count_iterations is not None:
+            return self.count_iterations
+        return int(getattr(pl_module.hparams, "fake_updates_per_generator_update", 1) or 1)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.flops_per_iteration is None:
+            self._counter = FlopCounterMode(display=False)
+            self._counter.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._counter is not None:
+            self._counter.__exit__(None, None, None)
+            self._counted.append(self._counter.get_total_flops())
+            self._counter = None
+            if len(self._counted) == self._cycle(pl_module):
+                self.flops_per_iteration = sum(self._counted) / len(self._counted)
+            return
+        if self.flops_per_iteration is None or (batch_idx + 1) % trainer.log_every_n_steps:
+            return
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()
+        now = (time.perf_counter(), batch_idx)
+        if self._last is not None and now[1] > self._last[1]:
+            seconds = (now[0] - self._last[0]) / (now[1] - self._last[1])
+            samples = batch["z"].shape[0] * trainer.world_size
+            metrics = {"perf/iterations_per_s": 1 / seconds, "perf/samples_per_s": samples / seconds}
+            peak = peak_flops(trainer.strategy.root_device, trainer.precision)
+            if peak:
+                metrics["perf/mfu"] = self.flops_per_iteration / seconds / peak
+            pl_module.log_dict(metrics, on_step=True, rank_zero_only=True)
+        self._last = now

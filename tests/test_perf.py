@@ -1,0 +1,68 @@
+"""FLOPs counting, the Throughput callback's figures, and compiled training steps equal to eager ones."""
+
+import torch
+from conftest import RandomImages, teacher_v
+from lightning import Callback, Trainer
+from lightning.pytorch.loggers import CSVLogger
+
+from dmd_lightning import DMDModule
+from dmd_lightning.data.stream import DMDDataModule
+from dmd_lightning.perf import Throughput, count_flops, peak_flops
+
+
+def test_flops_of_a_matmul_and_of_its_backward():
+    a, b = torch.randn(8, 16, requires_grad=True), torch.randn(16, 4)
+    assert count_flops(lambda: a @ b) == 2 * 8 * 16 * 4
+    assert count_flops(lambda: (a @ b).sum().backward()) == 2 * (2 * 8 * 16 * 4)  # forward + grad of a
+
+
+def test_peak_is_known_for_cards_only():
+    assert peak_flops(torch.device("cpu"), "bf16-mixed") is None
+
+
+def module(**kw) -> DMDModule:
+    return DMDModule(teacher_v(), regression_loss=None, warmup_steps=0, generator_lr=1e-3, fake_lr=1e-3, **kw)
+
+
+def fit(m, tmp_path, max_steps, callbacks, logger=False):
+    trainer = Trainer(max_steps=max_steps, logger=logger, enable_progress_bar=False, enable_model_summary=False,
+                      default_root_dir=tmp_path, limit_val_batches=0, accelerator="cpu", callbacks=callbacks,
+                      log_every_n_steps=2, enable_checkpointing=False)
+    trainer.fit(m, datamodule=DMDDataModule(None, batch_size=4, real_images=RandomImages(), val_size=8))
+    return trainer
+
+
+def test_throughput_counts_an_iterations_flops_as_the_sum_of_its_passes(tmp_path):
+    m = module()
+    perf = Throughput()
+    fit(m, tmp_path, max_steps=14, callbacks=[perf], logger=CSVLogger(tmp_path))
+    # one DMD iteration at batch 4: generator forward + backward, teacher and fake score forwards (DM loss),
+    # generator forward again for the fake score's samples is not needed (detached), fake score forward + backward
+    x, t, cond = torch.randn(4, 1, 16, 16), torch.full((4,), 500), torch.arange(4)
+    fwd = count_flops(lambda: m.teacher(x, t, cond))
+    assert fwd > 0 and perf.flops_per_iteration is not None
+    # forward 1x, backward ~2x the forward: generator 3, teacher 1, fake score in the DM loss 1, fake score update 3
+    assert 7 * fwd <= perf.flops_per_iteration <= 9 * fwd, (perf.flops_per_iteration / fwd)
+    rows = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
+    assert "perf/iterations_per_s" in rows and "perf/samples_per_s" in rows and "perf/mfu" not in rows  # CPU
+
+
+class FirstGradients(Callback):
+    def __init__(self):
+        self.grads = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if len(self.grads) < 2:
+            self.grads.append({k: p.grad.clone() for k, p in pl_module.named_parameters() if p.grad is not None})
+
+
+def test_compiled_networks_give_the_eager_losses_and_gradients(tmp_path):
+    eager, compiled = FirstGradients(), FirstGradients()
+    fit(module(), tmp_path / "eager", max_steps=2, callbacks=[eager])
+    m = module(compile=True, compile_backend="aot_eager")
+    fit(m, tmp_path / "compiled", max_steps=2, callbacks=[compiled])
+    assert m._compiled and list(m.state_dict()) == list(module().state_dict())  # keys unchanged by compiling
+    for step, (a, b) in enumerate(zip(eager.grads, compiled.grads)):
+        assert sorted(a) == sorted(b) and a, step
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=f"{name} at step {step}")

@@ -2,8 +2,8 @@
 
 python experiments/fmnist_variant.py OUT PAIRS_DIR MAX_TIME [dmd fit overrides...]
 
-Runs `dmd fit --config configs/fmnist.yaml` on existing pairs (their sampler settings are read from the
-manifest) for the config's iterations (or MAX_TIME, whichever ends first), then `trainer.validate` (the code
+Runs `dmd fit --config $CONFIG` (default configs/fmnist.yaml) on existing pairs (their sampler settings are read
+from the manifest; PAIRS_DIR `none` for the DMD2 configs, which take none) for the config's iterations (or MAX_TIME, whichever ends first), then `trainer.validate` (the code
 path of `dmd validate`) on the validation seeds (val_seed 1: `val/...`) and on the report seeds (val_seed 2:
 `test/...`, never looked at while choosing settings). Writes OUT/result.json, the EMA generator's UNet as a
 diffusers folder in float16 (OUT/student) and its first validation samples (OUT/samples.pt, uint8).
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,16 +30,20 @@ REPORT_SEED = 2  # the noise of the reported figures; configs/fmnist.yaml valida
 
 def main(out: str, pairs_dir: str, max_time: str, *overrides: str) -> dict:
     out_dir = Path(out)
-    manifest = PairDataset(pairs_dir).manifest
-    expect = {k: manifest[k] for k in ("teacher", "sampler", "num_steps", "guidance_scale")}
-    run = cli(["--config", "configs/fmnist.yaml", "--data.init_args.pairs_dir", pairs_dir,
-               "--data.init_args.expect", json.dumps(expect), "--trainer.max_time", max_time,
+    pairs = []
+    if pairs_dir != "none":
+        manifest = PairDataset(pairs_dir).manifest
+        expect = {k: manifest[k] for k in ("teacher", "sampler", "num_steps", "guidance_scale")}
+        pairs = ["--data.init_args.pairs_dir", pairs_dir, "--data.init_args.expect", json.dumps(expect)]
+    run = cli(["--config", os.environ.get("CONFIG", "configs/fmnist.yaml"), *pairs, "--trainer.max_time", max_time,
                "--trainer.enable_progress_bar", "false",
                "--trainer.default_root_dir", str(out_dir), "--trainer.logger.init_args.save_dir", str(out_dir.parent),
                "--trainer.logger.init_args.name", out_dir.name, *overrides], run=False)
     start = time.time()
     run.trainer.fit(run.model, datamodule=run.datamodule)
-    result = {"overrides": list(overrides), "iterations": run.model.iteration, "train_s": round(time.time() - start, 1)}
+    result = {"config": os.environ.get("CONFIG", "configs/fmnist.yaml"), "overrides": list(overrides),
+              "iterations": run.model.iteration, "train_s": round(time.time() - start, 1),
+              "steps": list(getattr(run.model.generator, "timesteps", [999]))}
     (metrics,) = run.trainer.validate(run.model, datamodule=run.datamodule, verbose=False)
     result.update({k: round(float(v), 4) for k, v in metrics.items()})
     b = run.datamodule.val_batches()[0]

@@ -8,15 +8,7 @@
 # CPU smoke test: ACCEL=cpu TINY=1 OUT=/tmp/o bash experiments/fmnist_dmd2_results.sh
 set -u
 : "${ACCEL:=gpu}" "${TINY:=0}" "${WORK:=/tmp/dmd2}" "${OUT:?}" "${DEADLINE_S:=540}"
-t0=$(date +%s)
-left() { echo $((DEADLINE_S - ($(date +%s) - t0))); }
-hms() { printf "00:%02d:%02d:%02d" $(($1 / 3600)) $(($1 % 3600 / 60)) $(($1 % 60)); }
-if [ "$ACCEL" = gpu ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD/src
-  mkdir -p /usr/share/datasets && ln -sfn "$PWD/.data/fashion-mnist" /usr/share/datasets/fashion-mnist
-  nvidia-smi -L
-fi
+source "$(dirname "$0")/common.sh"
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 mkdir -p "$WORK" "$OUT"
 log() { echo "== $(date +%T) [$(($(date +%s) - t0)) s] $*" | tee -a "$OUT/run.log"; }

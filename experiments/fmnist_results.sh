@@ -14,15 +14,7 @@
 set -u
 : "${ACCEL:=gpu}" "${TINY:=0}" "${WORK:=/tmp/gpu}" "${OUT:?}" "${DEADLINE_S:=570}" "${RESUME:=}" "${TEACHER:=}"
 : "${N_PAIRS:=10000}" "${ITERATIONS:=600}" "${DMD_ARGS:=}"
-t0=$(date +%s)
-left() { echo $((DEADLINE_S - ($(date +%s) - t0))); }
-hms() { printf "00:%02d:%02d:%02d" $(($1 / 3600)) $(($1 % 3600 / 60)) $(($1 % 60)); }
-if [ "$ACCEL" = gpu ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD/src
-  mkdir -p /usr/share/datasets && ln -sfn "$PWD/.data/fashion-mnist" /usr/share/datasets/fashion-mnist
-  nvidia-smi -L
-fi
+source "$(dirname "$0")/common.sh"
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 DMD_GIT_COMMIT="${DMD_GIT_COMMIT:-unknown}"
 mkdir -p "$WORK" "$OUT"
 log() { echo "== $(date +%T) [$(($(date +%s) - t0)) s] $*" | tee -a "$OUT/run.log"; }

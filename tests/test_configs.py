@@ -55,3 +55,7 @@ def test_dmd_fit_runs_the_toy_config(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert out.returncode == 0, out.stderr[-2000:]
     assert list(tmp_path.rglob("*.ckpt")) and list(tmp_path.rglob("events.out.tfevents*"))
+    # quiet by default: no warning about the project's own choices reaches the user (dmd_lightning.quiet)
+    noise = [line for line in out.stderr.splitlines() if any(w in line.lower() for w in (
+        "warn", "deprecat", "tip:", "accelerate", "weights_only", "eval mode at the start", "workers"))]
+    assert not noise, noise

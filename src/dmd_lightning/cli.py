@@ -17,6 +17,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from dmd_lightning.checkpoint import CheckpointIO, Stopped, find_last_checkpoint, load_checkpoint_file
 from dmd_lightning.errors import CheckpointError, ConfigError, DataNotFoundError, NonFiniteError
+from dmd_lightning.quiet import quiet
 
 
 class DMDTrainer(Trainer):
@@ -124,17 +125,16 @@ class DMDCLI(LightningCLI):
 
 
 def cli(args=None, run: bool = True) -> DMDCLI:
-    return DMDCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        trainer_class=DMDTrainer,
-        parser_class=OneLineErrorParser,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
-    )
+    """The `dmd` command with `args` (a list, as on the command line), or with sys.argv when None. With `args` the
+    calling script's own sys.argv is hidden from Lightning, which would otherwise warn about both."""
+    quiet()
+    argv, sys.argv = sys.argv, (sys.argv[:1] if args is not None else sys.argv)
+    try:
+        return DMDCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                      trainer_class=DMDTrainer, parser_class=OneLineErrorParser,
+                      save_config_kwargs={"overwrite": True}, args=args, run=run)
+    finally:
+        sys.argv = argv
 
 
 def main(args: list[str] | None = None) -> None:

@@ -222,3 +222,34 @@ def test_fake_score_learns_at_its_own_t_range(tmp_path, monkeypatch):
     t = torch.cat(seen)
     lo, hi = m.fake_score.schedule.t_bounds(0.2, 0.3)
     assert len(seen) == 3 and lo <= int(t.min()) and int(t.max()) <= hi and hi < m.fake_score.schedule.T // 2
+
+
+def test_validation_logs_a_grid_of_the_samples_to_tensorboard(tmp_path):
+    from conftest import RandomImages, teacher_v
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dmd_lightning.data.stream import DMDDataModule
+    from dmd_lightning.metrics.evaluation import Evaluator
+
+    class Count(Evaluator):
+        def reset(self):
+            self.n = 0
+
+        def update(self, samples, batch):
+            self.n += len(samples)
+
+        def compute(self):
+            return {"n": float(self.n)}
+
+    m = DMDModule(teacher_v(), regression_loss=None, evaluator=Count(), validate_raw=True, warmup_steps=0)
+    trainer = Trainer(max_steps=2, logger=TensorBoardLogger(tmp_path), enable_progress_bar=False,
+                      enable_model_summary=False, accelerator="cpu", val_check_interval=1, num_sanity_val_steps=0,
+                      enable_checkpointing=False)
+    trainer.fit(m, datamodule=DMDDataModule(None, batch_size=2, real_images=RandomImages(), val_size=12,
+                                             val_batch_size=12))
+    events = EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents*")).parent))
+    events.Reload()
+    assert set(events.Tags()["images"]) == {"samples/ema", "samples/raw"}
+    image = events.Images("samples/ema")[-1]
+    assert image.width == 8 * (16 + 2) + 2 and image.height == 2 * (16 + 2) + 2  # 12 samples of 16x16, 8 a row

@@ -288,7 +288,10 @@ class DMDModule(LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         for evaluator, ema in self.evaluators.active().values():
-            evaluator.update(self.sample(batch["z"], batch.get("cond"), ema=ema, seed=batch_idx), batch)
+            samples = self.sample(batch["z"], batch.get("cond"), ema=ema, seed=batch_idx)
+            evaluator.update(samples, batch)
+            if batch_idx == 0 and not self.trainer.sanity_checking:
+                log_grid(self.logger, f"samples/{'ema' if ema else 'raw'}", samples[:64], self.global_step)
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict(self.evaluators.compute(), sync_dist=True)
@@ -334,6 +337,18 @@ class DMDModule(LightningModule):
                 for k, v in net.state_dict(prefix=prefix).items():
                     state.setdefault(k, v)
         return state
+
+
+def log_grid(logger, tag: str, images: Tensor, step: int) -> None:
+    """The first validation batch's samples (fixed seeds and labels, so the same images at every validation) as
+    one grid image in TensorBoard; pixel-space images in [-1, 1] with 1 or 3 channels only (not latents)."""
+    experiment = getattr(logger, "experiment", None)
+    if not hasattr(experiment, "add_image") or images.dim() != 4 or images.shape[1] not in (1, 3):
+        return
+    from torchvision.utils import make_grid
+
+    grid = make_grid(((images.float() + 1) / 2).clamp(0, 1).cpu(), nrow=8, padding=2, pad_value=1.0)
+    experiment.add_image(tag, grid, step)
 
 
 # state-dict prefixes of the networks that never train: left out of checkpoints

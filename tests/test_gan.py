@@ -98,3 +98,17 @@ def test_resume_with_the_gan_and_the_real_image_stream_continues_exactly(tmp_pat
     fit(resumed, tmp_path / "b", max_steps=9, ckpt_path=str(tmp_path / "b" / "last.ckpt"))
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+
+
+def test_the_gan_without_real_images_is_refused(tmp_path):
+    from dmd_lightning.data.format import write_manifest, write_shard
+
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    write_shard(pairs / "shard-00000.safetensors", {"index": torch.arange(4), "noise": torch.randn(4, 1, 16, 16),
+                                                    "x": torch.randn(4, 1, 16, 16), "cond": torch.arange(4)}, {})
+    write_manifest(pairs, {"num_pairs": 4, "shard_size": 4, "num_shards": 1, "noise_shape": [1, 16, 16]})
+    trainer = Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      accelerator="cpu", default_root_dir=tmp_path)
+    with pytest.raises(ConfigError, match="need real images"):
+        trainer.fit(dmd2(), datamodule=DMDDataModule(str(pairs), batch_size=2, pair_batch_size=2))

@@ -128,10 +128,14 @@ class DMDModule(LightningModule):
             self._compiled = True
 
     def setup(self, stage: str) -> None:
-        shape = getattr(getattr(self.trainer, "datamodule", None), "sample_shape", None)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        shape = getattr(datamodule, "sample_shape", None)
         if shape is not None:
             check_sample_shape(self.teacher, tuple(shape))
-        check_labels(self.teacher, getattr(getattr(self.trainer, "datamodule", None), "num_classes", None))
+        check_labels(self.teacher, getattr(datamodule, "num_classes", None))
+        if self.classifier is not None and datamodule is not None and getattr(datamodule, "real", None) is None:
+            raise ConfigError("gan_generator_weight / gan_classifier_weight > 0 need real images: set the data "
+                              "module's real_images (e.g. dmd_lightning.fmnist.data.FashionMNISTImages)")
 
     def configure_optimizers(self):
         hp, total = self.hparams, self._decay_steps()
@@ -171,8 +175,9 @@ class DMDModule(LightningModule):
         generator_turn = self.iteration % hp.fake_updates_per_generator_update == 0
         self.iteration += 1
 
-        # No toggle_optimizer: each backward reaches one network by construction (the DM loss runs both
-        # denoisers under no_grad, the fake score trains on detached samples), and toggling walks every module.
+        # No toggle_optimizer: each backward reaches one network by construction (the DM loss runs both denoisers
+        # under no_grad, the GAN term the fake score and classifier with detached parameters, the fake score trains
+        # on detached samples), and toggling walks every module.
         if generator_turn:
             x = self._generate(z, cond)
             terms = {}

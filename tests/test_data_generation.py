@@ -258,6 +258,9 @@ def test_sigkilled_dmd_pairs_rerun_ends_with_exactly_the_requested_pairs(tmp_pat
         PairDataset(tmp_path / "pairs")
     out = dmd_pairs("")
     assert out.returncode == 0, out.stderr[-2000:]
+    noise = [line for line in out.stderr.splitlines() if any(w in line.lower() for w in (
+        "warn", "tip:", "__len__", "batch indices", "workers"))]
+    assert not noise, noise  # quiet by default (dmd_lightning.quiet)
     generate(tmp_path / "whole", num_pairs=45, shard_size=3, batch_size=2)
     resumed, whole = PairDataset(tmp_path / "pairs"), PairDataset(tmp_path / "whole")
     assert torch.equal(resumed.index, torch.arange(45)) and torch.equal(resumed.noise[:], whole.noise[:])

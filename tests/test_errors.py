@@ -209,31 +209,27 @@ LIBRARY_CHATTER = ("Seed set to", "GPU available", "TPU available", "💡 Tip", 
                    "accelerate", "litlogger", "modules in eval mode", "Automatic Mixed Precision")
 
 
-@pytest.mark.parametrize("name, args, words", USER_ERRORS, ids=[c[0] for c in USER_ERRORS])
+# the other subcommands: (name, the whole command line after `dmd`, words)
+OTHER_ERRORS = [
+    ("pairs: no pairs", ["pairs", "--config", PAIRS, D + "num_pairs", "0"], ["num_pairs=0"]),
+    ("pairs: shape the teacher cannot take", ["pairs", "--config", PAIRS, D + "noise_shape", "[1, 28, 28]"],
+     ["(1, 28, 28)", "(1, 32, 32)"]),
+    ("validate: no last checkpoint", ["validate", "--config", TOY, "--ckpt_path", "last"],
+     ["--ckpt_path last", "no last.ckpt"]),
+    ("export: not a checkpoint", ["export", "--config", FMNIST, "--ckpt_path", "{tmp}/notes.txt"], ["notes.txt"]),
+    ("export: pixel model", ["export", "--config", FMNIST], ["pixel-space"]),
+]
+CASES = [(name, ["fit", "--config", *args], words) for name, args, words in USER_ERRORS] + OTHER_ERRORS
+
+
+@pytest.mark.parametrize("name, args, words", CASES, ids=[c[0] for c in CASES])
 def test_user_errors_are_one_line_naming_the_key(name, args, words, tmp_path, capsys, monkeypatch):
     one_toy_checkpoint(tmp_path)
     teacher_pairs(tmp_path / "pairs")
     monkeypatch.chdir(ROOT)
-    config, *rest = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    rest = rest if "--trainer.default_root_dir" in rest else [*rest, "--trainer.default_root_dir", str(tmp_path)]
-    code, lines = run_main(["fit", "--config", config, *rest], capsys)
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), "\n".join(lines)
-    assert all(w in lines[0] for w in words), lines[0]
-
-
-@pytest.mark.parametrize("args, words", [
-    (["pairs", "--config", PAIRS, D + "num_pairs", "0"], ["num_pairs=0"]),
-    (["pairs", "--config", PAIRS, D + "noise_shape", "[1, 28, 28]"], ["(1, 28, 28)", "(1, 32, 32)"]),
-    (["validate", "--config", TOY, "--ckpt_path", "last"], ["--ckpt_path last", "no last.ckpt"]),
-    (["export", "--config", FMNIST, "--ckpt_path", "{tmp}/notes.txt"], ["notes.txt"]),
-    (["export", "--config", FMNIST], ["pixel-space"]),
-], ids=["pairs: no pairs", "pairs: shape the teacher cannot take", "validate: no last checkpoint",
-        "export: not a checkpoint", "export: pixel model"])
-def test_other_subcommands_user_errors_are_one_line(args, words, tmp_path, capsys, monkeypatch):
-    one_toy_checkpoint(tmp_path)
-    monkeypatch.chdir(ROOT)
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    code, lines = run_main([*args, "--trainer.default_root_dir", str(tmp_path)], capsys)
+    args = args if "--trainer.default_root_dir" in args else [*args, "--trainer.default_root_dir", str(tmp_path)]
+    code, lines = run_main(args, capsys)
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), "\n".join(lines)
     assert all(w in lines[0] for w in words), lines[0]
 

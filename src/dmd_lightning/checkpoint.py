@@ -220,9 +220,14 @@ class CheckpointIO(TorchCheckpointIO):
         cpu = map_location if map_location is not None else (lambda storage, loc: storage)
         try:
             return super().load_checkpoint(path, map_location=cpu, weights_only=True)
-        except Exception as err:  # torch's own message would suggest weights_only=False: unsafe for a stray file
-            raise CheckpointError(f"{path} is not a checkpoint that torch.load(weights_only=True) can read "
-                                  f"({type(err).__name__}); pass a checkpoint written by `dmd fit`") from None
+        except Exception as err:
+            raise _unreadable(path, err) from None
+
+
+def _unreadable(path, err: Exception) -> CheckpointError:
+    """torch's own message would suggest weights_only=False: unsafe for a stray file."""
+    return CheckpointError(f"{path} is not a checkpoint that torch.load(weights_only=True) can read "
+                           f"({type(err).__name__}); pass a checkpoint written by `dmd fit`")
 
 
 def load_checkpoint_file(path) -> dict:
@@ -233,8 +238,7 @@ def load_checkpoint_file(path) -> dict:
     except RuntimeError:  # files of the legacy (non-zip) format cannot be memory-mapped
         checkpoint = CheckpointIO().load_checkpoint(path)
     except Exception as err:
-        raise CheckpointError(f"{path} is not a checkpoint that torch.load(weights_only=True) can read "
-                              f"({type(err).__name__}); pass a checkpoint written by `dmd fit`") from None
+        raise _unreadable(path, err) from None
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path} is not a checkpoint written by `dmd fit` (it holds a {type(checkpoint).__name__})")
     return checkpoint

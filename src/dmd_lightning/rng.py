@@ -40,18 +40,20 @@ class GlobalNoise:
     def draw(self, x: Tensor, schedule, t_range: tuple[float, float], rank: int = 0,
              world: int = 1) -> tuple[Tensor, Tensor]:
         """t (B,) and eps like x (B, ...) for this rank's B samples."""
-        if self.generator is None or self.generator.device != x.device:
-            self.generator = torch.Generator(device=x.device).manual_seed(torch.initial_seed())
-        n = x.shape[0]
-        t = schedule.sample_t(n * world, *t_range, device=x.device, generator=self.generator)
-        eps = torch.randn((n * world, *x.shape[1:]), device=x.device, generator=self.generator)
+        g, n = self._on(x.device), x.shape[0]
+        t = schedule.sample_t(n * world, *t_range, device=x.device, generator=g)
+        eps = torch.randn((n * world, *x.shape[1:]), device=x.device, generator=g)
         return t[rank * n:(rank + 1) * n], eps[rank * n:(rank + 1) * n]
 
     def draw_index(self, n: int, device: torch.device) -> int:
         """One index in [0, n), the same on every rank (all ranks hold the same generator state)."""
-        if self.generator is None or self.generator.device != torch.device(device):
+        return int(torch.randint(n, (1,), device=device, generator=self._on(torch.device(device))))
+
+    def _on(self, device: torch.device) -> torch.Generator:
+        """The generator, created on `device` (seeded by torch.initial_seed()) on first use or a device move."""
+        if self.generator is None or self.generator.device != device:
             self.generator = torch.Generator(device=device).manual_seed(torch.initial_seed())
-        return int(torch.randint(n, (1,), device=device, generator=self.generator))
+        return self.generator
 
     def state(self) -> Tensor | None:
         return self.generator.get_state() if self.generator is not None else None

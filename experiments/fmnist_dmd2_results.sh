@@ -27,7 +27,7 @@ variant() {
 }
 variant dmd2_s0 configs/fmnist_dmd2.yaml
 variant dmd2_s1 configs/fmnist_dmd2.yaml --seed_everything 1 --data.init_args.seed 1
-variant dmd2_nogan configs/fmnist_dmd2.yaml --model.init_args.gan_generator_weight 0 --model.init_args.gan_classifier_weight 0
+variant dmd2_nogan configs/fmnist_dmd2.yaml --model.init_args.gan null
 variant dmd2_4step configs/fmnist_dmd2_4step.yaml
 wait
 names=(dmd2_s0 dmd2_s1 dmd2_nogan dmd2_4step)

@@ -98,7 +98,7 @@ variant() {
 variant full_s0
 variant full_s1 --seed_everything 1 --data.init_args.seed 1
 variant no_regression --model.init_args.regression_loss null
-variant regression_only --model.init_args.dm_weight 0 --trainer.max_steps $([ "$TINY" = 1 ] && echo 4 || echo "$ITERATIONS")
+variant regression_only --model.init_args.dm_loss.weight 0 --trainer.max_steps $([ "$TINY" = 1 ] && echo 4 || echo "$ITERATIONS")
 wait
 names=(full_s0 full_s1 regression_only no_regression)
 grep -h RESULT "$WORK"/*.log | tee -a "$OUT/run.log"

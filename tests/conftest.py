@@ -30,14 +30,22 @@ def tiny_unet(num_classes: int | None = 10, channels: int = 1, size: int = 16, p
     return unet, VPSchedule(prediction_type=prediction_type)
 
 
-def toy_module(**kw):
-    """DMDModule on the 2-D toy with small MLPs: a training step in milliseconds."""
+def toy_module(optim: dict | None = None, **kw):
+    """DMDModule on the 2-D toy with small MLPs: a training step in milliseconds. optim: Optimization's
+    arguments over the toy's (lr 1e-3, 2 warm-up steps)."""
     from dmd_lightning import DMDModule, L2Loss, VPSchedule
     from dmd_lightning.toy2d.mixture import GaussianMixtureDenoiser, MLPDenoiser, MLPGenerator
 
     schedule = VPSchedule()
     return DMDModule(GaussianMixtureDenoiser(schedule), MLPGenerator(hidden=32), MLPDenoiser(schedule, hidden=32),
-                     regression_loss=L2Loss(), generator_lr=1e-3, fake_lr=1e-3, warmup_steps=2, **kw)
+                     regression_loss=L2Loss(), optim=toy_optim(**(optim or {})), **kw)
+
+
+def toy_optim(**kw):
+    """Optimization for tests: lr 1e-3, 2 warm-up steps, unless given."""
+    from dmd_lightning.optim import Optimization
+
+    return Optimization(**{"generator_lr": 1e-3, "fake_lr": 1e-3, "warmup_steps": 2, **kw})
 
 
 def fit(module, max_steps, tmp_path, ckpt_path=None, **kw):
@@ -74,10 +82,11 @@ def teacher_v():
 def dmd2(steps=(999,), **kw):
     """DMD2 on the tiny teacher: GAN weights of the paper, no regression, two fake updates per generator update."""
     from dmd_lightning import DMDModule
+    from dmd_lightning.gan import GANLoss
     from dmd_lightning.generator import MultiStepGenerator
 
     t = teacher_v()
     generator = MultiStepGenerator.from_teacher(t, steps) if len(steps) > 1 else None
-    args = dict(regression_loss=None, gan_generator_weight=3e-3, gan_classifier_weight=1e-2, warmup_steps=0,
-                generator_lr=1e-3, fake_lr=1e-3, fake_updates_per_generator_update=2)
+    args = dict(regression_loss=None, gan=GANLoss(generator_weight=3e-3, classifier_weight=1e-2),
+                optim=toy_optim(warmup_steps=0), fake_updates_per_generator_update=2)
     return DMDModule(t, generator, **{**args, **kw})

@@ -1,6 +1,8 @@
 """Two gloo processes train the toy to the same parameters, equal to one process with the global batch."""
 
+import pytest
 import torch
+from conftest import toy_optim
 from lightning import Callback, Trainer, seed_everything
 
 from dmd_lightning import DMDModule, L2Loss, VPSchedule
@@ -18,11 +20,11 @@ class SaveParameters(Callback):
         torch.save(state, self.folder / f"rank{trainer.global_rank}-of-{trainer.world_size}.pt")
 
 
-def train(tmp_path, devices: int, batch: int, strategy: str = "auto", steps: int = 9):
+def train(tmp_path, devices: int, batch: int, strategy: str = "auto", steps: int = 9, accumulate: int = 1):
     seed_everything(0)
     schedule = VPSchedule()
     module = DMDModule(GaussianMixtureDenoiser(schedule), MLPGenerator(hidden=32), MLPDenoiser(schedule, hidden=32),
-                       regression_loss=L2Loss(), generator_lr=1e-2, fake_lr=1e-2, warmup_steps=2,
+                       regression_loss=L2Loss(), optim=toy_optim(generator_lr=1e-2, fake_lr=1e-2, accumulate=accumulate),
                        fake_updates_per_generator_update=2, ema_decay=0.5)
     data = ToyDataModule(batch_size=batch, pair_batch_size=batch // 2, num_pairs=64, sampler_steps=10)
     trainer = Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps, logger=False,
@@ -31,9 +33,11 @@ def train(tmp_path, devices: int, batch: int, strategy: str = "auto", steps: int
     trainer.fit(module, datamodule=data)
 
 
-def test_two_gloo_ranks_match_one_process_with_the_global_batch(tmp_path):
-    train(tmp_path, devices=2, batch=16, strategy="ddp_spawn_find_unused_parameters_true")
-    train(tmp_path, devices=1, batch=32)
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_two_gloo_ranks_match_one_process_with_the_global_batch(tmp_path, accumulate):
+    """With accumulate=2 the ranks reduce their gradients once per update, after two micro-batches each."""
+    train(tmp_path, devices=2, batch=16, strategy="ddp_spawn_find_unused_parameters_true", accumulate=accumulate)
+    train(tmp_path, devices=1, batch=32, accumulate=accumulate)
     rank0, rank1, single = (torch.load(tmp_path / f, weights_only=True)
                             for f in ("rank0-of-2.pt", "rank1-of-2.pt", "rank0-of-1.pt"))
     start = DMDModule(GaussianMixtureDenoiser(VPSchedule()), MLPGenerator(hidden=32),

@@ -44,11 +44,12 @@ def test_each_loss_reaches_only_the_networks_it_should(tmp_path, monkeypatch):
     seen = []
     original = DMDModule._step
 
-    def record(self, opt, sched, net, loss, terms, name):
+    def record(self, opt, sched, net, loss, terms, last):
+        name = "generator" if net is self.generator else "fake_score"
         others = [p for p in self.parameters() if p.requires_grad and not any(p is q for g in opt.optimizer.param_groups
                                                                               for q in g["params"])]
         assert all(p.grad is None for p in others), f"{name}: another network holds gradients before its backward"
-        original(self, opt, sched, net, loss, terms, name)
+        original(self, opt, sched, net, loss, terms, last)
         assert all(p.grad is None for p in others), f"{name}'s loss reached another network"
         seen.append((name, sorted(terms)))
 
@@ -110,5 +111,5 @@ def test_the_gan_without_real_images_is_refused(tmp_path):
     write_manifest(pairs, {"num_pairs": 4, "shard_size": 4, "num_shards": 1, "noise_shape": [1, 16, 16]})
     trainer = Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
                       accelerator="cpu", default_root_dir=tmp_path)
-    with pytest.raises(ConfigError, match="need real images"):
+    with pytest.raises(ConfigError, match="needs real images"):
         trainer.fit(dmd2(), datamodule=DMDDataModule(str(pairs), batch_size=2, pair_batch_size=2))

@@ -1,12 +1,13 @@
+import contextlib
 import warnings
 
 import pytest
 import torch
-from conftest import fit, tiny_unet, toy_module
+from conftest import fit, tiny_unet, toy_module, toy_optim
 from lightning import Trainer
 from torch import nn
 
-from dmd_lightning import DMDModule, L2Loss, UNetDenoiser, VPSchedule
+from dmd_lightning import DenoisingLoss, DMDModule, DMLoss, L2Loss, UNetDenoiser, VPSchedule
 from dmd_lightning.errors import NonFiniteError
 from dmd_lightning.metrics.evaluation import Evaluator
 from dmd_lightning.optim import lr_factor
@@ -56,7 +57,7 @@ def test_checkpoint_holds_both_optimizers_schedulers_ema_and_the_update_phase(tm
 
 
 def test_ablations_skip_the_networks_they_do_not_use(tmp_path):
-    regression_only = toy_module(dm_weight=0.0)
+    regression_only = toy_module(dm_loss=DMLoss(weight=0.0))
     f0 = [p.detach().clone() for p in regression_only.fake_score.parameters()]
     fit(regression_only, max_steps=3, tmp_path=tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(f0, regression_only.fake_score.parameters()))
@@ -102,8 +103,7 @@ def test_non_finite_fake_score_loss_is_skipped_or_stops(tmp_path):
     def module(mode):
         schedule = VPSchedule()
         return DMDModule(GaussianMixtureDenoiser(schedule), MLPGenerator(hidden=32),
-                         NaNWhenTraining(schedule, hidden=32), generator_lr=1e-3, fake_lr=1e-3, warmup_steps=2,
-                         on_nonfinite=mode)
+                         NaNWhenTraining(schedule, hidden=32), optim=toy_optim(), on_nonfinite=mode)
 
     m = module("skip")
     f0 = [p.detach().clone() for p in m.fake_score.parameters()]
@@ -158,7 +158,7 @@ def test_warns_when_the_dm_loss_reaches_timesteps_of_large_x0_error_gain():
         DMDModule(UNetDenoiser(unet, schedule))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        DMDModule(UNetDenoiser(unet, schedule), t_range=(0.02, 0.5))
+        DMDModule(UNetDenoiser(unet, schedule), dm_loss=DMLoss(t_range=(0.02, 0.5)))
     assert not [w for w in caught if "DM loss" in str(w.message)]
 
 
@@ -195,29 +195,32 @@ def test_lr_factor_warms_up_then_stays_or_follows_a_half_cosine():
     assert lr_factor(14, 4, decay_steps=14, min_ratio=0.1) == pytest.approx(0.1)
     assert lr_factor(100, 4, decay_steps=14, min_ratio=0.1) == pytest.approx(0.1)
     with pytest.raises(ValueError, match="lr_decay"):
-        toy_module(lr_decay="linear")
+        toy_module(optim=dict(lr_decay="linear"))
 
 
 @pytest.mark.parametrize("ratio", [1, 3])
 def test_cosine_decay_ends_both_networks_at_the_floor_at_max_steps(tmp_path, ratio):
-    m = toy_module(lr_decay="cosine", min_lr_ratio=0.1, fake_updates_per_generator_update=ratio)
+    m = toy_module(optim=dict(lr_decay="cosine", min_lr_ratio=0.1), fake_updates_per_generator_update=ratio)
     fit(m, max_steps=8 * (1 + ratio), tmp_path=tmp_path)  # 8 generator updates, 8 * ratio fake-score updates
     assert m.iteration == 8 * ratio
     for opt, lr in zip(m.optimizers(), (1e-3, 1e-3)):
         assert opt.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * lr)
-    half = toy_module(lr_decay="cosine", decay_steps=16, min_lr_ratio=0.1, fake_updates_per_generator_update=ratio)
+    half = toy_module(optim=dict(lr_decay="cosine", decay_steps=16, min_lr_ratio=0.1),
+                      fake_updates_per_generator_update=ratio)
     fit(half, max_steps=8 * (1 + ratio), tmp_path=tmp_path)  # decay_steps over max_steps: not at the floor yet
     for opt in half.optimizers():
         assert 0.5 < opt.optimizer.param_groups[0]["lr"] / 1e-3 < 0.7
 
 
-def test_fake_score_learns_at_its_own_t_range(tmp_path, monkeypatch):
-    import dmd_lightning.module as module
-
+def test_fake_score_learns_at_its_own_t_range(tmp_path):
     seen = []
-    real = module.denoising_loss
-    monkeypatch.setattr(module, "denoising_loss", lambda fake, x, cond, t, eps: seen.append(t) or real(fake, x, cond, t, eps))
-    m = toy_module(fake_t_range=(0.2, 0.3))
+
+    class Recorded(DenoisingLoss):  # the configured loss, as a user's own subclass would be injected
+        def __call__(self, fake, x, cond, t, eps):
+            seen.append(t)
+            return super().__call__(fake, x, cond, t, eps)
+
+    m = toy_module(fake_loss=Recorded(t_range=(0.2, 0.3)))
     fit(m, max_steps=6, tmp_path=tmp_path)
     t = torch.cat(seen)
     lo, hi = m.fake_score.schedule.t_bounds(0.2, 0.3)
@@ -242,7 +245,8 @@ def test_validation_logs_a_grid_of_the_samples_to_tensorboard(tmp_path):
         def compute(self):
             return {"n": float(self.n)}
 
-    m = DMDModule(teacher_v(), regression_loss=None, evaluator=Count(), validate_raw=True, warmup_steps=0)
+    m = DMDModule(teacher_v(), regression_loss=None, evaluator=Count(), validate_raw=True,
+                  optim=toy_optim(warmup_steps=0))
     trainer = Trainer(max_steps=2, logger=TensorBoardLogger(tmp_path), enable_progress_bar=False,
                       enable_model_summary=False, accelerator="cpu", val_check_interval=1, num_sanity_val_steps=0,
                       enable_checkpointing=False)
@@ -253,3 +257,71 @@ def test_validation_logs_a_grid_of_the_samples_to_tensorboard(tmp_path):
     assert set(events.Tags()["images"]) == {"samples/ema", "samples/raw"}
     image = events.Images("samples/ema")[-1]
     assert image.width == 8 * (16 + 2) + 2 and image.height == 2 * (16 + 2) + 2  # 12 samples of 16x16, 8 a row
+
+
+def test_accumulated_micro_batches_make_the_update_of_one_batch_as_large(tmp_path):
+    """optim.accumulate=2 on halves of each batch: the same weights (and EMA) as the whole batches, over updates
+    of both networks and a fake-score-only update (ratio 2)."""
+    from lightning import LightningDataModule
+    from torch.utils.data import DataLoader
+
+    class Batches(LightningDataModule):
+        def __init__(self, batches):
+            super().__init__()
+            self.batches = batches
+
+        def train_dataloader(self):
+            return DataLoader(self.batches, batch_size=None)
+
+    source = ToyDataModule(batch_size=32, pair_batch_size=16, num_pairs=64, sampler_steps=10)
+    source.setup("fit")
+    whole = [batch for batch, _ in zip(source.train_dataloader(), range(3))]
+    halves = [{k: v.chunk(2)[i] for k, v in batch.items()} for batch in whole for i in range(2)]
+    runs = {}
+    for name, batches, accumulate in (("whole", whole, 1), ("halves", halves, 2)):
+        torch.manual_seed(0)
+        m = toy_module(optim=dict(accumulate=accumulate), fake_updates_per_generator_update=2)
+        trainer = Trainer(max_steps=5, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                          enable_checkpointing=False, default_root_dir=tmp_path, accelerator="cpu")
+        blocked = []  # backward passes without DDP's gradient all-reduce (DDPStrategy's public context manager)
+        trainer.strategy.block_backward_sync = lambda: contextlib.nullcontext(blocked.append(1))
+        trainer.fit(m, datamodule=Batches(batches))
+        assert trainer.global_step == 5 and m.iteration == len(batches)  # 3 updates: G+F, F, G+F
+        assert len(blocked) == (5 if accumulate == 2 else 0)  # every backward but each update's last micro-batch's
+        runs[name] = m.state_dict()
+    start = toy_module().state_dict()
+    for k, v in runs["whole"].items():
+        torch.testing.assert_close(runs["halves"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    assert any(not torch.equal(v, start[k]) for k, v in runs["whole"].items() if k.startswith("generator_ema."))
+
+
+def test_a_signal_mid_accumulation_saves_at_the_update_boundary_and_resumes_exactly(tmp_path):
+    """SIGTERM after the first of two micro-batches: last.ckpt is written after the second (the accumulated
+    gradients are not in checkpoints), and resuming from it continues the uninterrupted run's trajectory."""
+    import os
+    import signal
+
+    from lightning import Callback
+
+    from dmd_lightning.checkpoint import ModelCheckpoint, Stopped
+
+    class Terminate(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 4:  # the first micro-batch of the third update
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    def module():
+        torch.manual_seed(0)
+        return toy_module(optim=dict(accumulate=2), fake_updates_per_generator_update=2)
+
+    straight = module()
+    fit(straight, max_steps=8, tmp_path=tmp_path / "a")
+    stopped = module()
+    with pytest.raises(Stopped):
+        fit(stopped, max_steps=8, tmp_path=tmp_path / "b",
+            callbacks=[Terminate(), ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)])
+    assert torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)["dmd_iteration"] == 6
+    resumed = module()
+    fit(resumed, max_steps=8, tmp_path=tmp_path / "b", ckpt_path=str(tmp_path / "b" / "last.ckpt"))
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)

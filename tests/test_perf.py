@@ -1,7 +1,7 @@
 """FLOPs counting, the Throughput callback's figures, and compiled training steps equal to eager ones."""
 
 import torch
-from conftest import RandomImages, teacher_v
+from conftest import RandomImages, teacher_v, toy_optim
 from lightning import Callback, Trainer
 from lightning.pytorch.loggers import CSVLogger
 
@@ -21,7 +21,7 @@ def test_peak_is_known_for_cards_only():
 
 
 def module(**kw) -> DMDModule:
-    return DMDModule(teacher_v(), regression_loss=None, warmup_steps=0, generator_lr=1e-3, fake_lr=1e-3, **kw)
+    return DMDModule(teacher_v(), regression_loss=None, optim=toy_optim(warmup_steps=0), **kw)
 
 
 def fit(m, tmp_path, max_steps, callbacks, logger=False):

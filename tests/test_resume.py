@@ -56,7 +56,7 @@ trainer:
     class_path: lightning.pytorch.loggers.CSVLogger
     init_args: {{save_dir: {run}, name: csv}}
 model:
-  init_args: {{generator: {{init_args: {{hidden: 32}}}}, evaluator: null, warmup_steps: 3}}
+  init_args: {{generator: {{init_args: {{hidden: 32}}}}, evaluator: null, optim: {{warmup_steps: 3}}}}
 data:
   init_args: {{batch_size: 64, pair_batch_size: 32, num_pairs: 128, sampler_steps: 10, val_size: 256}}
 """)

@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import toy_optim
 
-from dmd_lightning import DMDModule, LPIPSLoss
+from dmd_lightning import DMDModule, DMLoss, LPIPSLoss
 from dmd_lightning.cli import DMDTrainer, cli
 from dmd_lightning.data.format import item_noise
 from dmd_lightning.loading import WeightsNotFoundError
@@ -167,7 +168,7 @@ def test_decoded_lpips_reaches_the_latents(sd, decoder):
 def test_dmd_fit_steps_with_decoded_lpips(sd, teacher, pairs, tmp_path):
     regression = DecodedLPIPSLoss(sd["pipe"], LPIPSLoss(resize=None, random_backbone=True))
     module = DMDModule(teacher, regression_loss=regression,
-                       guidance_scale=3.0, generator_lr=1e-3, fake_lr=1e-3, warmup_steps=1)
+                       dm_loss=DMLoss(guidance_scale=3.0), optim=toy_optim(warmup_steps=1))
     dm = SDDMDDataModule(str(pairs), sd["prompts"], sd["pipe"], embedding_cache=sd["cache"], batch_size=2,
                          pair_batch_size=2, expect={"teacher": sd["pipe"], "guidance_scale": 3.0})
     g0 = [p.detach().clone() for p in module.generator.parameters()]
@@ -265,9 +266,9 @@ def test_sd15_config_fits_with_the_tiny_pipeline(sd, pairs, tmp_path):
     (tmp_path / "override.yaml").write_text(yaml.safe_dump(override))
     run = cli(["fit", "--config", "configs/sd15.yaml", "--config", str(tmp_path / "override.yaml")])
     m = run.model
-    assert m.hparams.guidance_scale == 3.0 and m.hparams.generator_lr == m.hparams.fake_lr == 1e-5
-    assert m.hparams.regression_weight == 0.25 and list(m.hparams.t_range) == [0.02, 0.98]
-    assert m.hparams.weight_decay == 0.01 and m.hparams.warmup_steps == 500 and m.hparams.gradient_clip == 10.0
+    assert m.dm_loss.guidance_scale == 3.0 and m.optim.generator_lr == m.optim.fake_lr == 1e-5
+    assert m.hparams.regression_weight == 0.25 and list(m.dm_loss.t_range) == [0.02, 0.98]
+    assert m.optim.weight_decay == 0.01 and m.optim.warmup_steps == 500 and m.optim.gradient_clip == 10.0
     assert m.teacher.unet.is_gradient_checkpointing and m.iteration == 1
     assert isinstance(m.regression_loss, DecodedLPIPSLoss)
     assert not any(p.requires_grad for p in m.regression_loss.parameters())
@@ -336,7 +337,7 @@ def test_sd15_dmd2_config_fits_without_pairs(sd, tmp_path):
     (tmp_path / "override.yaml").write_text(yaml.safe_dump(override))
     run = cli(["fit", "--config", "configs/sd15_dmd2.yaml", "--config", str(tmp_path / "override.yaml")])
     m = run.model
-    assert m.hparams.guidance_scale == 1.75 and m.hparams.generator_lr == m.hparams.fake_lr == 1e-5
+    assert m.dm_loss.guidance_scale == 1.75 and m.optim.generator_lr == m.optim.fake_lr == 1e-5
     assert m.hparams.fake_updates_per_generator_update == 10 and m.regression_loss is None
     assert run.datamodule.pairs is None and m.iteration == 2  # 3 optimizer steps: generator + fake, then fake
 

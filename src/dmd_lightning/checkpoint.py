@@ -95,6 +95,10 @@ class ModelCheckpoint(LightningModelCheckpoint):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.signum, self._stopping, self._saved_step = None, None, None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # here, after Lightning installs its own SIGTERM handler (which would end the run at once, before an
+        # accumulating module reaches its update boundary), so that the signals are this callback's alone
         if self.stop_on_signal and threading.current_thread() is threading.main_thread():
             self._handlers = {s: signal.signal(s, self._notice) for s in (signal.SIGTERM, signal.SIGINT)}
 
@@ -121,6 +125,8 @@ class ModelCheckpoint(LightningModelCheckpoint):
         """Saves last.ckpt if a signal came; `Stopped` is raised at the next hook (after this step's logs)."""
         # every rank must stop at the same step; the signal may have reached only some of them
         if self._stopping is not None or not trainer.strategy.reduce_boolean_decision(self.signum is not None, all=False):
+            return
+        if getattr(trainer.lightning_module, "mid_update", False):  # gradients of unfinished accumulation: later
             return
         path = self._save_last(trainer)
         self._stopping = Stopped(self.signum or signal.SIGTERM, path, trainer.global_step)

@@ -24,26 +24,32 @@ from dmd_lightning.schedule import VPSchedule
 
 
 def check_dmd_arguments(hp) -> None:
-    """ConfigError naming the first of DMDModule's arguments that cannot work."""
-    check_number("guidance_scale", hp.guidance_scale, 0.0)
-    for key in ("regression_weight", "dm_weight", "weight_decay", "gradient_clip"):
-        check_number(key, hp[key], 0.0, low_open=key == "gradient_clip")
+    """ConfigError naming the first of DMDModule's arguments (hp: its hyper-parameters, the configured losses and
+    optimization as dicts) that cannot work."""
+    dm, fake, optim = hp.dm_loss, hp.fake_loss, hp.optim
+    check_number("guidance_scale", dm["guidance_scale"], 0.0)
+    check_number("dm_loss.weight", dm["weight"], 0.0)
+    check_fraction_range("t_range", dm["t_range"])
+    check_fraction_range("fake_loss.t_range", fake["t_range"])
+    check_number("regression_weight", hp.regression_weight, 0.0)
     check_int("fake_updates_per_generator_update", hp.fake_updates_per_generator_update)
-    check_fraction_range("t_range", hp.t_range)
-    check_fraction_range("fake_t_range", hp.fake_t_range)
-    for key in ("generator_lr", "fake_lr"):
-        check_number(key, hp[key], 0.0, low_open=True)
-    check(isinstance(hp.betas, (list, tuple)) and len(hp.betas) == 2 and all(
-        isinstance(b, (int, float)) and 0 <= b < 1 for b in hp.betas), "betas", hp.betas, "must be two numbers in [0, 1)")
-    check_int("warmup_steps", hp.warmup_steps, 0)
-    check_choice("lr_decay", hp.lr_decay, ("constant", "cosine"))
-    check_int("decay_steps", hp.decay_steps, 1, allow_none=True)
-    check_number("min_lr_ratio", hp.min_lr_ratio, 0.0, 1.0)
+    for key in ("generator_lr", "fake_lr", "gradient_clip"):
+        check_number(key, optim[key], 0.0, low_open=True)
+    check_number("weight_decay", optim["weight_decay"], 0.0)
+    betas = optim["betas"]
+    check(isinstance(betas, (list, tuple)) and len(betas) == 2 and all(
+        isinstance(b, (int, float)) and 0 <= b < 1 for b in betas), "betas", betas, "must be two numbers in [0, 1)")
+    check_int("warmup_steps", optim["warmup_steps"], 0)
+    check_choice("lr_decay", optim["lr_decay"], ("constant", "cosine"))
+    check_int("decay_steps", optim["decay_steps"], 1, allow_none=True)
+    check_number("min_lr_ratio", optim["min_lr_ratio"], 0.0, 1.0)
+    check_int("accumulate", optim["accumulate"])
     check_number("ema_decay", hp.ema_decay, 0.0, 1.0)
     check_choice("on_nonfinite", hp.on_nonfinite, ("skip", "stop"))
     check_int("max_consecutive_skips", hp.max_consecutive_skips)
-    check_number("gan_generator_weight", hp.gan_generator_weight, 0.0)
-    check_number("gan_classifier_weight", hp.gan_classifier_weight, 0.0)
+    if hp.gan is not None:
+        check_number("gan.generator_weight", hp.gan["generator_weight"], 0.0)
+        check_number("gan.classifier_weight", hp.gan["classifier_weight"], 0.0)
 
 
 def check_same_model(own: dict, state: dict) -> None:
@@ -57,6 +63,16 @@ def check_same_model(own: dict, state: dict) -> None:
                  ("unexpected weights", unexpected), ("of other shapes, checkpoint vs model", shapes)) if v]
         raise CheckpointError(f"the checkpoint is not of this model: {'; '.join(parts)}; use the config it was "
                               "trained with")
+
+
+def check_data(teacher: Denoiser, datamodule, gan: bool = False) -> None:
+    """The data module's samples, labels and real images fit the teacher and the losses (the checks below)."""
+    if (shape := getattr(datamodule, "sample_shape", None)) is not None:
+        check_sample_shape(teacher, tuple(shape))
+    check_labels(teacher, getattr(datamodule, "num_classes", None))
+    if gan and datamodule is not None and getattr(datamodule, "real", None) is None:
+        raise ConfigError("the GAN (gan: ...) needs real images: set the data module's real_images "
+                          "(e.g. dmd_lightning.fmnist.data.FashionMNISTImages)")
 
 
 def check_labels(teacher: Denoiser, num_classes: int | None) -> None:

@@ -8,6 +8,8 @@ the generator minimises softplus(-D(fake)), the classifier softplus(D(fake)) + s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -79,3 +81,14 @@ def gan_generator_loss(logits_fake: Tensor) -> Tensor:
 def gan_classifier_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
     """Classifier loss: softplus(D(fake)) + softplus(-D(real)) (real images labelled 1, samples 0)."""
     return F.softplus(logits_fake).mean() + F.softplus(-logits_real).mean()
+
+
+@dataclass(frozen=True)
+class GANLoss:
+    """DMD2's GAN as a config sets it: `generator_weight` x gan_generator_loss joins the generator's loss,
+    `classifier_weight` x gan_classifier_loss the fake score's (which trains the head and, through it, the fake
+    score's backbone). Defaults: the official ImageNet-64 recipe (gen_cls_loss_weight 3e-3, cls_loss_weight 1e-2).
+    Both noise their images at t ~ U[DenoisingLoss.t_range * T], the fake score's range."""
+
+    generator_weight: float = 3e-3
+    classifier_weight: float = 1e-2

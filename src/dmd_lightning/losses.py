@@ -1,11 +1,13 @@
-"""The three losses of DMD (Yin et al. 2024) as pure functions of networks and tensors.
+"""The three losses of DMD (Yin et al. 2024) as pure functions of networks and tensors, and as configured callables.
 
-distribution_matching_loss: generator, paper Eq. 7-8 and Algorithm 2.
-denoising_loss:             fake score, paper Eq. 6 (the teacher's own training loss, on generator samples).
-Regression losses:          paper Eq. 9, LPIPS / L2 / pseudo-Huber (App. I ablates LPIPS vs L2).
+distribution_matching_loss / DMLoss:   generator, paper Eq. 7-8 and Algorithm 2.
+denoising_loss / DenoisingLoss:        fake score, paper Eq. 6 (the teacher's own training loss, on generator samples).
+Regression losses:                     paper Eq. 9, LPIPS / L2 / pseudo-Huber (App. I ablates LPIPS vs L2).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +78,34 @@ def denoising_loss(fake: Denoiser, x: Tensor, cond=None, t: Tensor | None = None
     x_t = schedule.add_noise(x0, torch.randn_like(x0) if eps is None else eps.to(x0), t)
     err = _per_sample_mean((fake(x_t, t, cond).float() - x0.float()) ** 2)
     return (schedule.loss_weight(t).to(err) * err).mean()
+
+
+@dataclass(frozen=True)
+class DMLoss:
+    """The generator's distribution-matching term as a config sets it: `weight` in the generator's loss (0: the
+    regression-only ablation), the real score's classifier-free `guidance_scale`, t ~ U[t_range * T], and
+    `use_fake_score=False` for the real-score-only ablation (paper Table 2), which also leaves the fake score
+    untrained. Called with the t and eps the module draws for the global batch."""
+
+    weight: float = 1.0
+    guidance_scale: float = 1.0
+    t_range: tuple[float, float] = (0.02, 0.98)
+    use_fake_score: bool = True
+
+    def __call__(self, x: Tensor, real: Denoiser, fake: Denoiser, cond, t: Tensor, eps: Tensor):
+        fake = fake if self.use_fake_score else None
+        return distribution_matching_loss(x, real, fake, cond, self.guidance_scale, t=t, eps=eps)
+
+
+@dataclass(frozen=True)
+class DenoisingLoss:
+    """The fake score's term (paper Eq. 6) at t ~ U[t_range * T]: the whole schedule in DMD, where the fake
+    score must follow the generator's distribution at every noise level the DM loss (and DMD2's GAN) reads it."""
+
+    t_range: tuple[float, float] = (0.0, 1.0)
+
+    def __call__(self, fake: Denoiser, x: Tensor, cond, t: Tensor, eps: Tensor) -> Tensor:
+        return denoising_loss(fake, x, cond, t, eps)
 
 
 class L2Loss(nn.Module):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
+from dataclasses import asdict
 
 import torch
 from lightning import LightningModule
@@ -10,46 +12,48 @@ from torch import Tensor, nn
 
 from dmd_lightning.checks import (
     NonFinitePolicy,
+    check_data,
     check_dmd_arguments,
-    check_labels,
     check_same_model,
-    check_sample_shape,
     is_finite_module,
     warn_error_gain,
 )
 from dmd_lightning.denoisers import Denoiser
 from dmd_lightning.ema import ema_tensors, ema_update, warmup_decay
 from dmd_lightning.errors import CheckpointError, ConfigError, NonFiniteError
-from dmd_lightning.gan import BottleneckClassifier, gan_classifier_loss, gan_generator_loss
+from dmd_lightning.frozen import drop_frozen, fill_frozen
+from dmd_lightning.gan import BottleneckClassifier, GANLoss, gan_classifier_loss, gan_generator_loss
 from dmd_lightning.generator import OneStepGenerator
-from dmd_lightning.losses import denoising_loss, distribution_matching_loss
+from dmd_lightning.images import log_grid
+from dmd_lightning.losses import DenoisingLoss, DMLoss
 from dmd_lightning.metrics.evaluation import Evaluator, Evaluators
-from dmd_lightning.optim import adamw_with_schedule
-from dmd_lightning.rng import GlobalNoise, rng_states, set_rng_states
+from dmd_lightning.optim import Optimization, adamw_with_schedule
+from dmd_lightning.perf import compile_networks
+from dmd_lightning.rng import GlobalNoise, rank_world, rng_states, set_rng_states
+
+FROZEN = ("teacher.", "regression_loss.", "evaluators.")  # state-dict prefixes left out of checkpoints
 
 
 class DMDModule(LightningModule):
     """Distribution Matching Distillation with manual optimization.
 
-    One iteration: on every `fake_updates_per_generator_update`-th, a generator update by the DM loss plus
-    `regression_weight` x the regression loss on noise-image pairs; then a fake-score update by the denoising
-    loss on the generator's detached samples at t ~ U[fake_t_range * T]. `global_step` (and `max_steps`) counts
-    optimizer steps of both networks: 2 per iteration with a generator update, 1 without.
+    One iteration: on every `fake_updates_per_generator_update`-th, a generator update by `dm_loss` plus
+    `regression_weight` x `regression_loss` on noise-image pairs (plus DMD2's GAN term with `gan`); then a
+    fake-score update by `fake_loss` on the generator's detached samples (plus the GAN classifier's loss on real
+    images). `global_step` (and `max_steps`) counts optimizer steps of both networks: 2 per iteration with a
+    generator update, 1 without. With `optim.accumulate = N` an iteration takes N batches.
 
     The generator is a copy of the teacher reading pure noise at t = T-1 (DMD Sec. 3.1), which needs a teacher
-    whose x0-prediction is well conditioned there (v-prediction on a zero-terminal-SNR schedule; docs/teacher.md).
-    Its EMA warms up (update n uses min(ema_decay, (1 + n) / (10 + n))) unless `ema_warmup=False`. Each lr warms
-    up over `warmup_steps` updates, then stays or (`lr_decay="cosine"`) decays to `min_lr_ratio` x lr by
-    `decay_steps` generator updates (default: from max_steps). Validation scores the EMA generator (`val/...`)
-    and, with `validate_raw`, the raw one (`val/raw/...`).
+    whose x0-prediction is well conditioned there (docs/teacher.md), or a MultiStepGenerator (DMD2 Sec. 4.5).
+    Its EMA warms up (update n uses min(ema_decay, (1 + n) / (10 + n))) unless `ema_warmup=False`. Validation
+    scores the EMA generator (`val/...`) and, with `validate_raw`, the raw one (`val/raw/...`). A non-finite
+    loss or gradient skips the update (`on_nonfinite="skip"`) or stops; after `max_consecutive_skips` in a row
+    training stops.
 
-    A non-finite loss or gradient skips the update (`on_nonfinite="skip"`) or stops (`"stop"`); after
-    `max_consecutive_skips` skips in a row training stops. Ablations (paper Table 2): `dm_weight=0` is
-    regression only, `use_fake_score=False` the real score alone, `regression_loss=None` DMD without regression.
-
-    The losses' t and eps come from the module's own generator, drawn for the global batch of all ranks, each
-    rank using its slice: a DDP run matches one process with the global batch. That generator's state and the
-    global RNG states are checkpointed, so a resumed run continues the same trajectory.
+    The losses' t and eps come from the module's own generator, drawn for the global batch of all ranks (and
+    micro-batches), each keeping its part: a DDP run matches one process with the global batch, and N
+    accumulated micro-batches one batch N times larger. That generator's state and the global RNG states are
+    checkpointed, so a resumed run continues the same trajectory.
     """
 
     def __init__(
@@ -57,40 +61,31 @@ class DMDModule(LightningModule):
         teacher: Denoiser,
         generator: nn.Module | None = None,
         fake_score: Denoiser | None = None,
+        dm_loss: DMLoss = DMLoss(),
+        fake_loss: DenoisingLoss = DenoisingLoss(),
         regression_loss: nn.Module | None = None,
-        evaluator: Evaluator | None = None,
-        guidance_scale: float = 1.0,
         regression_weight: float = 0.25,
-        dm_weight: float = 1.0,
-        use_fake_score: bool = True,
+        gan: GANLoss | None = None,
+        optim: Optimization = Optimization(),
         fake_updates_per_generator_update: int = 1,
-        t_range: tuple[float, float] = (0.02, 0.98),
-        fake_t_range: tuple[float, float] = (0.0, 1.0),
-        generator_lr: float = 1e-5,
-        fake_lr: float = 1e-5,
-        weight_decay: float = 0.01,
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_steps: int = 500,
-        lr_decay: str = "constant",
-        decay_steps: int | None = None,
-        min_lr_ratio: float = 0.0,
-        gradient_clip: float = 10.0,
         ema_decay: float = 0.999,
         ema_warmup: bool = True,
+        evaluator: Evaluator | None = None,
+        validate_raw: bool = False,
         on_nonfinite: str = "skip",
         max_consecutive_skips: int = 20,
-        validate_raw: bool = False,
-        gan_generator_weight: float = 0.0,
-        gan_classifier_weight: float = 0.0,
         compile: bool = False,
         compile_backend: str = "inductor",
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["teacher", "generator", "fake_score", "regression_loss", "evaluator"])
+        configured = {"dm_loss": dm_loss, "fake_loss": fake_loss, "gan": gan, "optim": optim}
+        self.hparams.update({k: asdict(v) for k, v in configured.items() if v is not None})  # plain, safe to load
         check_dmd_arguments(self.hparams)
+        self.dm_loss, self.fake_loss, self.gan, self.optim = dm_loss, fake_loss, gan, optim
         self.automatic_optimization = False
-        if fake_score is None and dm_weight > 0:  # the fake score as DMD builds it: a fine-tuned teacher copy
-            warn_error_gain(teacher.schedule, t_range)
+        if fake_score is None and dm_loss.weight > 0:  # the fake score as DMD builds it: a fine-tuned teacher copy
+            warn_error_gain(teacher.schedule, dm_loss.t_range)
         self.teacher = teacher.requires_grad_(False).eval()
         self.generator = generator if generator is not None else OneStepGenerator.from_teacher(teacher)
         if len(getattr(self.generator, "timesteps", (0,))) > 1 and regression_loss is not None and regression_weight > 0:
@@ -101,13 +96,14 @@ class DMDModule(LightningModule):
         self.fake_score.train()
         self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False).eval()
         # DMD2's GAN: a classifier head on the fake score's bottleneck, trained with the fake score
-        gan = gan_generator_weight > 0 or gan_classifier_weight > 0
-        self.classifier = BottleneckClassifier(self.fake_score) if gan else None
+        self.classifier = BottleneckClassifier(self.fake_score) if gan is not None else None
         self.regression_loss = regression_loss
         self.evaluators = Evaluators(evaluator, raw=validate_raw)
-        self.iteration = 0  # training iterations done; with the ratio it gives the update phase
+        self.iteration = 0  # training batches done; with accumulate and the ratio they give the update phase
         self.noise = GlobalNoise()  # the losses' t and eps
         self.nonfinite = NonFinitePolicy(on_nonfinite, max_consecutive_skips)
+        self._micro = 0  # micro-batch of the update in progress
+        self._bad: dict[str, set[str]] = {"generator": set(), "fake_score": set()}  # non-finite terms this update
         self._restored: dict | None = None  # RNG states from a checkpoint, applied before the next step
         self._ema_tensors: tuple | None = None
 
@@ -119,60 +115,40 @@ class DMDModule(LightningModule):
         return self
 
     def configure_model(self) -> None:
-        """`compile`: the generator's, fake score's and teacher's networks (not this module) compiled in place with
-        torch.compile, parameters and state-dict keys unchanged; `compile_backend` "aot_eager" captures the graphs
-        without generating code (tests). Nothing flips requires_grad between the phases, so no recompiles."""
+        """`compile`: the networks (not this module) compiled in place (perf.compile_networks)."""
         if self.hparams.compile and not getattr(self, "_compiled", False):
-            for net in (self.generator, self.fake_score, self.teacher):
-                getattr(net, "unet", net).compile(backend=self.hparams.compile_backend)
+            compile_networks((self.generator, self.fake_score, self.teacher), self.hparams.compile_backend)
             self._compiled = True
 
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        shape = getattr(datamodule, "sample_shape", None)
-        if shape is not None:
-            check_sample_shape(self.teacher, tuple(shape))
-        check_labels(self.teacher, getattr(datamodule, "num_classes", None))
-        if self.classifier is not None and datamodule is not None and getattr(datamodule, "real", None) is None:
-            raise ConfigError("gan_generator_weight / gan_classifier_weight > 0 need real images: set the data "
-                              "module's real_images (e.g. dmd_lightning.fmnist.data.FashionMNISTImages)")
+        check_data(self.teacher, getattr(self.trainer, "datamodule", None), gan=self.classifier is not None)
 
     def configure_optimizers(self):
-        hp, total = self.hparams, self._decay_steps()
-        # each warms up over its own first updates; the fake score's decay follows the generator's phase
-        ratio = hp.fake_updates_per_generator_update
-        opt_g, sch_g = adamw_with_schedule(self.generator.parameters(), hp.generator_lr, tuple(hp.betas),
-                                           hp.weight_decay, hp.warmup_steps, total, hp.min_lr_ratio)
-        fake_params = [*self.fake_score.parameters(), *(self.classifier.parameters() if self.classifier else [])]
-        opt_f, sch_f = adamw_with_schedule(fake_params, hp.fake_lr, tuple(hp.betas), hp.weight_decay,
-                                           hp.warmup_steps, total and total * ratio, hp.min_lr_ratio)
-        return [opt_g, opt_f], [sch_g, sch_f]
-
-    def _decay_steps(self) -> int | None:
-        """Generator updates over which a cosine lr decays: `decay_steps`, else the trainer's max_steps (which
-        counts both networks' optimizer steps: 1 + ratio per generator update, 1 without a fake score)."""
-        hp = self.hparams
-        if hp.lr_decay == "constant":
-            return None
-        if hp.decay_steps is not None:
-            return hp.decay_steps
+        o, ratio = self.optim, self.hparams.fake_updates_per_generator_update
         max_steps = self.trainer.max_steps if self._trainer is not None else -1
-        if max_steps is None or max_steps <= 0:
-            raise ConfigError("lr_decay='cosine' needs decay_steps or the trainer's max_steps")
-        per_update = 1 + (hp.fake_updates_per_generator_update if self.trains_fake_score else 0)
-        return max(1, max_steps // per_update)
+        total = o.decay_updates(max_steps, 1 + (ratio if self.trains_fake_score else 0))
+        # only what trains (LoRA adapters, not their frozen base); the fake score's decay follows the generator's
+        trainable = lambda *nets: [p for net in nets if net is not None for p in net.parameters() if p.requires_grad]
+        opt_g, sch_g = adamw_with_schedule(trainable(self.generator), o.generator_lr, tuple(o.betas),
+                                           o.weight_decay, o.warmup_steps, total, o.min_lr_ratio)
+        opt_f, sch_f = adamw_with_schedule(trainable(self.fake_score, self.classifier), o.fake_lr, tuple(o.betas),
+                                           o.weight_decay, o.warmup_steps, total and total * ratio, o.min_lr_ratio)
+        return [opt_g, opt_f], [sch_g, sch_f]
 
     # -------------------------------------------------------------------------------------------- training
     @property
     def trains_fake_score(self) -> bool:
-        return self.hparams.use_fake_score and self.hparams.dm_weight > 0
+        return self.dm_loss.use_fake_score and self.dm_loss.weight > 0
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        hp = self.hparams
         opt_g, opt_f = self.optimizers()
         sch_g, sch_f = self.lr_schedulers()
         z, cond = batch["z"], batch.get("cond")
-        generator_turn = self.iteration % hp.fake_updates_per_generator_update == 0
+        update, self._micro = divmod(self.iteration, self.optim.accumulate)  # updates before, micro-batch of this
+        generator_turn = update % self.hparams.fake_updates_per_generator_update == 0
+        last = self._micro == self.optim.accumulate - 1
+        if self.optim.accumulate > 1:  # every micro-batch draws the whole update's numbers and keeps its part
+            self.noise.mark() if self._micro == 0 else self.noise.rewind()
         self.iteration += 1
 
         # No toggle_optimizer: each backward reaches one network by construction (the DM loss runs both denoisers
@@ -181,39 +157,34 @@ class DMDModule(LightningModule):
         if generator_turn:
             x = self._generate(z, cond)
             terms = {}
-            if hp.dm_weight > 0:
-                fake = self.fake_score if hp.use_fake_score else None
-                t, eps = self._draw(x, self.teacher.schedule, hp.t_range)
-                terms["dm"], stats = distribution_matching_loss(
-                    x, self.teacher, fake, cond, hp.guidance_scale, t=t, eps=eps
-                )
+            if self.dm_loss.weight > 0:
+                t, eps = self._draw(x, self.teacher.schedule, self.dm_loss.t_range)
+                terms["dm"], stats = self.dm_loss(x, self.teacher, self.fake_score, cond, t, eps)
                 if self._logs_now:
                     self.log_dict(stats, on_step=True)
-            if self.regression_loss is not None and hp.regression_weight > 0 and "pair_z" in batch:
+            if self.regression_loss is not None and self.hparams.regression_weight > 0 and "pair_z" in batch:
                 x_reg = self.generator(batch["pair_z"], batch.get("pair_cond"))
                 terms["regression"] = self.regression_loss(x_reg, batch["pair_x"])
-            if hp.gan_generator_weight > 0:
+            if self.gan is not None:
                 terms["gan"] = gan_generator_loss(self._logits(x, cond, frozen=True))
-            weights = {"dm": hp.dm_weight, "regression": hp.regression_weight, "gan": hp.gan_generator_weight}
-            loss = sum(weights[k] * v for k, v in terms.items())
-            self._step(opt_g, sch_g, self.generator, loss, terms, "generator")
-            if self._ema_tensors is None:  # cached: the module walks cost more than a small network's update
-                self._ema_tensors = ema_tensors(self.generator_ema, self.generator)
-            updates = (self.iteration - 1) // hp.fake_updates_per_generator_update  # generator updates before this
-            ema_update(self._ema_tensors, warmup_decay(hp.ema_decay, updates) if hp.ema_warmup else hp.ema_decay)
+            weights = {"dm": self.dm_loss.weight, "regression": self.hparams.regression_weight,
+                       "gan": self.gan.generator_weight if self.gan else 0.0}
+            self._step(opt_g, sch_g, self.generator, sum(weights[k] * v for k, v in terms.items()), terms, last)
+            if last:
+                self._update_ema(update // self.hparams.fake_updates_per_generator_update)
             x = x.detach()
         elif self.trains_fake_score:
             with torch.no_grad():
                 x = self._generate(z, cond)
 
         if self.trains_fake_score:
-            t, eps = self._draw(x, self.fake_score.schedule, hp.fake_t_range)
-            terms = {"denoising": denoising_loss(self.fake_score, x, cond, t, eps)}
-            if hp.gan_classifier_weight > 0 and "real_x" in batch:
+            t, eps = self._draw(x, self.fake_score.schedule, self.fake_loss.t_range)
+            terms = {"denoising": self.fake_loss(self.fake_score, x, cond, t, eps)}
+            if self.gan is not None and "real_x" in batch:
                 terms["classifier"] = gan_classifier_loss(self._logits(batch["real_x"], batch.get("real_cond")),
                                                           self._logits(x, cond))
-            loss_f = terms["denoising"] + hp.gan_classifier_weight * terms.get("classifier", 0.0)
-            self._step(opt_f, sch_f, self.fake_score, loss_f, terms, "fake_score")
+            loss = terms["denoising"] + (self.gan.classifier_weight * terms["classifier"] if self.gan else 0.0)
+            self._step(opt_f, sch_f, self.fake_score, loss, terms, last)
         if self._logs_now:
             self.log("train/iteration", float(self.iteration), on_step=True)
 
@@ -222,6 +193,11 @@ class DMDModule(LightningModule):
         """Lightning writes step metrics every `log_every_n_steps` only; the self.log calls in between cost
         time for nothing (about 12% of a small network's iteration), so they are skipped."""
         return self._trainer is None or self.iteration % self.trainer.log_every_n_steps == 0
+
+    @property
+    def mid_update(self) -> bool:
+        """Whether accumulated gradients await the rest of an update's micro-batches (no checkpoint then)."""
+        return self.iteration % self.optim.accumulate != 0
 
     def _generate(self, z: Tensor, cond) -> Tensor:
         """The generator's output at a random one of its K steps, whose input the generator itself made from z
@@ -234,33 +210,37 @@ class DMDModule(LightningModule):
         return self.generator.step(self.generator.simulate(z, k, cond, eps=eps), k, cond)
 
     def _logits(self, x0: Tensor, cond, frozen: bool = False) -> Tensor:
-        """The GAN classifier's logits for x0 noised at t ~ U[fake_t_range * T] (DMD2 Sec. 4.3); frozen: the
-        gradient reaches x0 only (the generator's term)."""
-        t, eps = self._draw(x0, self.fake_score.schedule, self.hparams.fake_t_range)
+        """The GAN classifier's logits for x0 noised at the fake score's t (DMD2 Sec. 4.3); frozen: the gradient
+        reaches x0 only (the generator's term)."""
+        t, eps = self._draw(x0, self.fake_score.schedule, self.fake_loss.t_range)
         return self.classifier(self.fake_score, self.fake_score.schedule.add_noise(x0, eps, t), t, cond, frozen)
 
     def _draw(self, x: Tensor, schedule, t_range) -> tuple[Tensor, Tensor]:
-        rank, world = (self.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
-        return self.noise.draw(x, schedule, tuple(t_range), rank, world)
+        rank, world = rank_world(self)
+        part, parts = self._micro * world + rank, self.optim.accumulate * world
+        return self.noise.draw(x, schedule, tuple(t_range), part, parts)
 
-    def on_train_start(self) -> None:
-        self._ema_tensors = None  # a device move since the last fit replaces buffers
+    def _update_ema(self, updates: int) -> None:
+        """EMA after the generator's update (`updates` generator updates before it)."""
+        if self._ema_tensors is None:  # cached: the module walks cost more than a small network's update
+            self._ema_tensors = ema_tensors(self.generator_ema, self.generator)
+        ema_update(self._ema_tensors, warmup_decay(self.hparams.ema_decay, updates) if self.hparams.ema_warmup
+                   else self.hparams.ema_decay)
 
-    def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        if self._restored is not None:  # here, not in on_load_checkpoint: loader set-up still draws numbers
-            set_rng_states(self._restored["global"])
-            self.noise.load(self._restored["noise"], self.device)
-            self._restored = None
-
-    def _step(self, opt, sched, net: nn.Module, loss: Tensor, terms: dict, name: str) -> None:
-        """Backward, clip, check for non-finite values, step. Logs every term and the gradient norm."""
-        self.manual_backward(loss)
+    def _step(self, opt, sched, net: nn.Module, loss: Tensor, terms: dict, last: bool) -> None:
+        """Backward of this micro-batch's share; on an update's last micro-batch clip, check, step. DDP reduces the
+        gradients once, in the last micro-batch's backward. Logs every term and the gradient norm."""
+        name = "generator" if net is self.generator else "fake_score"
+        blocked = getattr(self.trainer.strategy, "block_backward_sync", nullcontext) if not last else nullcontext
+        with blocked():
+            self.manual_backward(loss / self.optim.accumulate)
+        self._bad[name].update(k for k, v in terms.items() if not torch.isfinite(v))
+        if not last:
+            return
         # the optimizer's own list: walking the network's modules costs more than a small network's update
         params = [p for group in opt.optimizer.param_groups for p in group["params"] if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.hparams.gradient_clip)
-        bad = [k for k, v in terms.items() if not torch.isfinite(v)]
-        if not torch.isfinite(grad_norm):
-            bad.append("gradient")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.optim.gradient_clip)
+        bad, self._bad[name] = sorted(self._bad[name]) + ([] if torch.isfinite(grad_norm) else ["gradient"]), set()
         # every rank must take the same decision, or the replicas drift apart
         if self.trainer.strategy.reduce_boolean_decision(bool(bad), all=False) and not bad:
             bad.append("loss or gradient on another rank")
@@ -277,6 +257,15 @@ class DMDModule(LightningModule):
             opt.step()
             sched.step()
         opt.zero_grad(set_to_none=True)
+
+    def on_train_start(self) -> None:
+        self._ema_tensors = None  # a device move since the last fit replaces buffers
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if self._restored is not None:  # here, not in on_load_checkpoint: loader set-up still draws numbers
+            set_rng_states(self._restored["global"])
+            self.noise.load(self._restored["noise"], self.device)
+            self._restored = None
 
     # ------------------------------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -295,20 +284,15 @@ class DMDModule(LightningModule):
         for evaluator, ema in self.evaluators.active().values():
             samples = self.sample(batch["z"], batch.get("cond"), ema=ema, seed=batch_idx)
             evaluator.update(samples, batch)
-            if batch_idx == 0 and not self.trainer.sanity_checking:
+            if batch_idx == 0 and not self.trainer.sanity_checking:  # fixed seeds and labels: the same images
                 log_grid(self.logger, f"samples/{'ema' if ema else 'raw'}", samples[:64], self.global_step)
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict(self.evaluators.compute(), sync_dist=True)
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self.validation_step(batch, batch_idx)
-
-    def on_test_epoch_start(self) -> None:
-        self.on_validation_epoch_start()
-
-    def on_test_epoch_end(self) -> None:
-        self.on_validation_epoch_end()
+    test_step = validation_step
+    on_test_epoch_start = on_validation_epoch_start
+    on_test_epoch_end = on_validation_epoch_end
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         return {"x": self.sample(batch["z"], batch.get("cond"), seed=batch_idx), **batch}
@@ -318,43 +302,14 @@ class DMDModule(LightningModule):
         for name in ("generator", "fake_score", "generator_ema"):
             if not is_finite_module(getattr(self, name)):
                 raise NonFiniteError(f"{name} has non-finite weights at iteration {self.iteration}; not saving")
-        state = checkpoint["state_dict"]
-        for k in [k for k in state if k.startswith(FROZEN)]:
-            del state[k]
+        drop_frozen(checkpoint["state_dict"], FROZEN)
         checkpoint["dmd_iteration"] = self.iteration
         checkpoint["dmd_rng"] = {"global": rng_states(), "noise": self.noise.state()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
             raise CheckpointError("the checkpoint holds no 'state_dict': pass a checkpoint written by `dmd fit`")
-        check_same_model(self.state_dict(), self.fill_frozen(checkpoint["state_dict"]))
+        check_same_model(self.state_dict(), fill_frozen(self, checkpoint["state_dict"], FROZEN))
         self.iteration = int(checkpoint.get("dmd_iteration", 0))
         rng = checkpoint.get("dmd_rng")
         self._restored = rng if rng is not None and rng["noise"] is not None else None
-
-    def fill_frozen(self, state: dict) -> dict:
-        """Complete a checkpoint's state dict with the frozen networks' weights as this module holds them
-        (loaded from their own files). Checkpoints leave them out: at SD1.5 scale the teacher alone is 3.4 GB.
-        Older checkpoints that hold them keep their own."""
-        for prefix in FROZEN:
-            net = getattr(self, prefix.rstrip("."), None)
-            if isinstance(net, nn.Module):
-                for k, v in net.state_dict(prefix=prefix).items():
-                    state.setdefault(k, v)
-        return state
-
-
-def log_grid(logger, tag: str, images: Tensor, step: int) -> None:
-    """The first validation batch's samples (fixed seeds and labels, so the same images at every validation) as
-    one grid image in TensorBoard; pixel-space images in [-1, 1] with 1 or 3 channels only (not latents)."""
-    experiment = getattr(logger, "experiment", None)
-    if not hasattr(experiment, "add_image") or images.dim() != 4 or images.shape[1] not in (1, 3):
-        return
-    from torchvision.utils import make_grid
-
-    grid = make_grid(((images.float() + 1) / 2).clamp(0, 1).cpu(), nrow=8, padding=2, pad_value=1.0)
-    experiment.add_image(tag, grid, step)
-
-
-# state-dict prefixes of the networks that never train: left out of checkpoints
-FROZEN = ("teacher.", "regression_loss.", "evaluators.")

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+
+from dmd_lightning.errors import ConfigError
 
 
 def lr_factor(step: int, warmup_steps: int, decay_steps: int | None = None, min_ratio: float = 0.0) -> float:
@@ -30,3 +33,34 @@ def adamw_with_schedule(params, lr: float, betas: tuple[float, float], weight_de
     """AdamW and its per-update LambdaLR: lr_factor's warm-up, then constant or a half cosine to min_ratio x lr."""
     opt = make_adamw(params, lr, betas, weight_decay)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup_steps, decay_steps, min_ratio))
+
+
+@dataclass(frozen=True)
+class Optimization:
+    """How DMDModule updates its two networks: AdamW (`generator_lr`, `fake_lr`, `weight_decay`, `betas`), each lr
+    warmed up over `warmup_steps` updates, then constant (`lr_decay="constant"`) or a half cosine to
+    `min_lr_ratio` x lr by `decay_steps` generator updates (default: from the trainer's max_steps); gradients
+    clipped to norm `gradient_clip`; `accumulate` micro-batches per update (gradient accumulation: the same update
+    as one batch `accumulate` times larger, with one optimizer step and, under DDP, one gradient all-reduce)."""
+
+    generator_lr: float = 1e-5
+    fake_lr: float = 1e-5
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 500
+    lr_decay: str = "constant"
+    decay_steps: int | None = None
+    min_lr_ratio: float = 0.0
+    gradient_clip: float = 10.0
+    accumulate: int = 1
+
+    def decay_updates(self, max_steps: int | None, steps_per_update: int) -> int | None:
+        """Generator updates over which a cosine lr decays: `decay_steps`, else the trainer's max_steps (optimizer
+        steps of both networks, `steps_per_update` per generator update); None for a constant lr."""
+        if self.lr_decay == "constant":
+            return None
+        if self.decay_steps is not None:
+            return self.decay_steps
+        if max_steps is None or max_steps <= 0:
+            raise ConfigError("lr_decay='cosine' needs decay_steps or the trainer's max_steps")
+        return max(1, max_steps // steps_per_update)

@@ -21,6 +21,14 @@ PRECISION_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "
                     "16-true": torch.float16, "32-true": torch.float32, "32": torch.float32}
 
 
+def compile_networks(nets, backend: str = "inductor") -> None:
+    """Each network's diffusers UNet (or the network itself) compiled in place with torch.compile: parameters
+    and state-dict keys unchanged. "aot_eager" captures the graphs without generating code (tests). Nothing flips
+    requires_grad between DMD's phases, so the graphs are not recompiled."""
+    for net in nets:
+        getattr(net, "unet", net).compile(backend=backend)
+
+
 def count_flops(fn) -> int:
     """FLOPs of the operators `fn()` runs (forward and backward), counted by torch.utils.flop_counter."""
     with FlopCounterMode(display=False) as counter:

@@ -19,6 +19,13 @@ def rng_states() -> dict:
             "python": random.getstate()}
 
 
+def rank_world(obj) -> tuple[int, int]:
+    """(global rank, world size) of the trainer a LightningModule or LightningDataModule is attached to, (0, 1)
+    without one."""
+    trainer = obj._trainer if hasattr(obj, "_trainer") else getattr(obj, "trainer", None)
+    return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+
 def set_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
     if states["cuda"] and torch.cuda.is_available():
@@ -36,14 +43,25 @@ class GlobalNoise:
 
     def __init__(self):
         self.generator: torch.Generator | None = None
+        self._mark: Tensor | None = None
 
-    def draw(self, x: Tensor, schedule, t_range: tuple[float, float], rank: int = 0,
-             world: int = 1) -> tuple[Tensor, Tensor]:
-        """t (B,) and eps like x (B, ...) for this rank's B samples."""
+    def draw(self, x: Tensor, schedule, t_range: tuple[float, float], part: int = 0,
+             parts: int = 1) -> tuple[Tensor, Tensor]:
+        """t (B,) and eps like x (B, ...) for this part's B samples of a draw for `parts` x B: part = rank of a
+        world of `parts` ranks (or, with gradient accumulation, micro-batch x world + rank, with `rewind` between
+        micro-batches), so the parts together are what one process with the whole batch draws."""
         g, n = self._on(x.device), x.shape[0]
-        t = schedule.sample_t(n * world, *t_range, device=x.device, generator=g)
-        eps = torch.randn((n * world, *x.shape[1:]), device=x.device, generator=g)
-        return t[rank * n:(rank + 1) * n], eps[rank * n:(rank + 1) * n]
+        t = schedule.sample_t(n * parts, *t_range, device=x.device, generator=g)
+        eps = torch.randn((n * parts, *x.shape[1:]), device=x.device, generator=g)
+        return t[part * n:(part + 1) * n], eps[part * n:(part + 1) * n]
+
+    def mark(self) -> None:
+        """Remembers the generator's state; `rewind` returns to it (the next micro-batch of an update draws again
+        what the first one drew, and keeps its own part)."""
+        self._mark = self.state()
+
+    def rewind(self) -> None:
+        self.generator = None if self._mark is None else self._with_state(self._mark, self.generator.device)
 
     def draw_index(self, n: int, device: torch.device) -> int:
         """One index in [0, n), the same on every rank (all ranks hold the same generator state)."""
@@ -59,5 +77,10 @@ class GlobalNoise:
         return self.generator.get_state() if self.generator is not None else None
 
     def load(self, state: Tensor, device: torch.device) -> None:
-        self.generator = torch.Generator(device=device)
-        self.generator.set_state(state)
+        self.generator = self._with_state(state, device)
+
+    @staticmethod
+    def _with_state(state: Tensor, device: torch.device) -> torch.Generator:
+        g = torch.Generator(device=device)
+        g.set_state(state)
+        return g

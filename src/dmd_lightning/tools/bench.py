@@ -27,9 +27,9 @@ from torch.utils.data import DataLoader
 from dmd_lightning.data.generation import PairGenerator
 from dmd_lightning.denoisers import guided
 from dmd_lightning.generator import OneStepGenerator
-from dmd_lightning.losses import L2Loss
+from dmd_lightning.losses import DMLoss, L2Loss
 from dmd_lightning.module import DMDModule
-from dmd_lightning.optim import make_adamw
+from dmd_lightning.optim import Optimization, make_adamw
 from dmd_lightning.samplers import make_scheduler, sample_ode
 from dmd_lightning.tools.bench_cases import (
     Case,
@@ -95,7 +95,8 @@ def dmd_module(case: Case, checkpointing: bool = False) -> DMDModule:
     teacher = copy.deepcopy(case.teacher)
     if checkpointing:  # the generator and the fake score are copies of the teacher: they inherit it
         teacher.unet.enable_gradient_checkpointing()
-    return DMDModule(teacher, regression_loss=L2Loss(), guidance_scale=case.guidance, warmup_steps=1)
+    return DMDModule(teacher, dm_loss=DMLoss(guidance_scale=case.guidance), regression_loss=L2Loss(),
+                     optim=Optimization(warmup_steps=1))
 
 
 def fit_steps(module: DMDModule, batch: dict, iterations: int, callbacks: list) -> None:
@@ -110,10 +111,10 @@ def fit_steps(module: DMDModule, batch: dict, iterations: int, callbacks: list) 
 def network_passes(case: Case, batch: dict, module: DMDModule) -> dict[str, Callable[[], object]]:
     """Each network pass of a DMD iteration as a function, on copies of the teacher; the fake-score update
     uses the optimizer settings of `module`, the one the Trainer side runs."""
-    teacher, hp = case.teacher, module.hparams
+    teacher, o = case.teacher, module.optim
     gen = OneStepGenerator.from_teacher(teacher).train()
     fake = copy.deepcopy(teacher).requires_grad_(True).train()
-    opt = make_adamw(fake.parameters(), hp.fake_lr, tuple(hp.betas), hp.weight_decay)
+    opt = make_adamw(fake.parameters(), o.fake_lr, tuple(o.betas), o.weight_decay)
     z, cond, pz, pc = batch["z"], batch.get("cond"), batch["pair_z"], batch.get("pair_cond")
     t = torch.full((len(z),), teacher.schedule.T // 2, device=z.device)
     x_t = teacher.schedule.add_noise(z, torch.randn_like(z), t)

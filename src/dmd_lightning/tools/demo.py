@@ -27,7 +27,7 @@ from dmd_lightning.tools.bench_cases import median
 # name: (overrides, optimizer steps per iteration), so that every variant gets the same generator updates
 VARIANTS = {
     "DMD (full)": ([], 2),
-    "w/o distribution matching (regression only)": (["--model.init_args.dm_weight", "0"], 1),
+    "w/o distribution matching (regression only)": (["--model.init_args.dm_loss.weight", "0"], 1),
     "w/o regression loss": (["--model.init_args.regression_loss", "null"], 2),
 }
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--precision", default=None, help="default: bf16-mixed on a GPU, 32-true on the CPU")
     p.add_argument("--ablation", action="store_true")
     p.add_argument("--accelerator", default="auto")
-    a, fit_overrides = p.parse_known_args(argv)  # anything else goes to `dmd fit`, e.g. --model.init_args.fake_lr 1e-4
+    a, fit_overrides = p.parse_known_args(argv)  # anything else goes to `dmd fit`, e.g. --model.init_args.optim.fake_lr 1e-4
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     a.val_size = min(a.val_size or a.num_pairs, a.num_pairs)  # teacher and students measured on equal counts

@@ -14,7 +14,7 @@ from dmd_lightning.cli import cli
 from dmd_lightning.toy2d.mixture import get_mixture, mode_statistics, sample_mixture
 
 VARIANTS = {
-    "real score only": ["--model.use_fake_score", "false", "--model.regression_loss", "null"],
+    "real score only": ["--model.dm_loss.use_fake_score", "false", "--model.regression_loss", "null"],
     "real + fake": ["--model.regression_loss", "null"],
     "real + fake + regression": [],
 }

@@ -64,6 +64,19 @@ def test_memory_and_report(tmp_path):
                                          "sum_s": 0.3, "step_s": 0.33, "ratio": 1.1, "met": True},
            "pairs": {"reference": "DDIMPipeline", "sampler": "ddim 50 steps", "batch": 2, "project_images_per_s": 1.0,
                      "reference_images_per_s": 1.0, "ratio": 1.0, "met": True, "max_abs_diff": 0.0},
-           "memory": mem}
+           "memory": mem, "lora": bench.bench_lora(bench.make_case("tiny", quick=True), rank=2)}
     text = bench.markdown({"tiny": row}, bench.machine())
-    assert text.count("\n## ") == 4 and "| tiny |" in text and "50x" in text
+    assert text.count("\n## ") == 5 and "| tiny |" in text and "50x" in text
+
+
+def test_lora_training_state_counts_adapters_gradients_and_adam_exactly():
+    """Full fine-tuning: gradients = parameters, AdamW's two moments twice that (+ its step counters); LoRA: the
+    frozen base plus the adapters, gradients and moments of the adapters alone. SD1.5's layout: about a third."""
+    r = bench.bench_lora(bench.make_case("tiny", quick=True), rank=2)
+    full, lora = r["full"], r["lora"]
+    assert full["gradients"] == full["parameters"] and 0 <= full["optimizer"] - 2 * full["gradients"] < 4096
+    assert lora["parameters"] == full["parameters"] + lora["gradients"] and 0 < lora["gradients"] < full["gradients"]
+    assert 0 <= lora["optimizer"] - 2 * lora["gradients"] < 4096
+    assert r["ratio"] == pytest.approx(sum(lora.values()) / sum(full.values()))
+    sd15 = bench.bench_lora(bench.make_case("tiny-sd", quick=True))
+    assert sd15["unet"] == "SD1.5 layout" and sd15["full"]["parameters"] > 3e9 and 0.25 < sd15["ratio"] < 0.4

@@ -7,11 +7,14 @@ x_0 prediction. Use it as
 
     pipe = StableDiffusionPipeline.from_pretrained(folder)
     image = pipe(prompt, num_inference_steps=1, guidance_scale=1.0).images[0]
+
+A LoRA generator (dmd_lightning.lora) is written with its adapters merged into the UNet, and its adapters alone
+as diffusers' LoRA file in lora/: the teacher's pipeline with `pipe.load_lora_weights(folder + "/lora")` and the
+folder's scheduler samples as the merged pipeline does.
 """
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
@@ -20,6 +23,7 @@ from torch import nn
 from dmd_lightning.errors import ConfigError
 from dmd_lightning.generator import OneStepGenerator
 from dmd_lightning.loading import load_pretrained
+from dmd_lightning.lora import is_lora, merged
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -66,7 +70,8 @@ def export_pipeline(generator: nn.Module, teacher_path: str, out_dir: str | Path
 
     if dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
-    unet = copy.deepcopy(generator_unet(generator)).to("cpu", DTYPES[dtype])
+    lora = is_lora(generator_unet(generator))
+    unet = merged(generator_unet(generator)).to("cpu", DTYPES[dtype])  # a plain copy of a UNet without LoRA
     if unet.is_gradient_checkpointing:
         unet.disable_gradient_checkpointing()
     scheduler_config = DDPMScheduler.load_config(teacher_path, subfolder="scheduler")
@@ -81,6 +86,8 @@ def export_pipeline(generator: nn.Module, teacher_path: str, out_dir: str | Path
     )
     out = Path(out_dir)
     pipe.save_pretrained(str(out))
+    if lora:
+        export_lora(generator_unet(generator), out / "lora", dtype)
     call = ("num_inference_steps=1" if len(steps) == 1 else f"timesteps={steps}")
     (out / "README.md").write_text(
         f"# {len(steps)}-step generator distilled with DMD (dmd-lightning)\n\n"
@@ -89,8 +96,24 @@ def export_pipeline(generator: nn.Module, teacher_path: str, out_dir: str | Path
         f"image = pipe(prompt, {call}, guidance_scale=1.0).images[0]\n```\n\n"
         + ("One step: the scheduler's single trailing DDIM step returns the generator's x0 from noise at t = T-1. "
            if len(steps) == 1 else f"Exactly these timesteps: x0 at each, noised afresh to the next ({steps}). ")
-        + "No classifier-free guidance (guidance_scale=1.0): the guidance was distilled into the UNet.\n")
+        + "No classifier-free guidance (guidance_scale=1.0): the guidance was distilled into the UNet.\n"
+        + ("\nThe UNet holds the LoRA generator's adapters merged in; lora/ holds them alone, for the teacher's "
+           "pipeline with this folder's scheduler: `pipe.load_lora_weights(folder + '/lora')`.\n" if lora else ""))
     return out
+
+
+def export_lora(unet: nn.Module, out_dir: str | Path, dtype: str = "float32") -> Path:
+    """A LoRA UNet's adapters as diffusers' LoRA file (out_dir/pytorch_lora_weights.safetensors), their rank,
+    alpha and targets in its metadata, for `StableDiffusionPipeline.load_lora_weights(out_dir)`."""
+    from diffusers import StableDiffusionPipeline
+    from peft import get_peft_model_state_dict
+
+    # peft's key names (`...to_q.lora_A.weight`), as diffusers' own save_lora_adapter writes them: its older
+    # convert_state_dict_to_diffusers names (`to_q.lora.down`) are not read back with the rank/alpha metadata
+    state = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+    StableDiffusionPipeline.save_lora_weights(str(out_dir), unet_lora_layers=state,
+                                              unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+    return Path(out_dir)
 
 
 def export_module(module: nn.Module, out_dir: str | Path, ema: bool = True, teacher_path: str | None = None,

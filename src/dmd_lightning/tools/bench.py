@@ -6,7 +6,8 @@ Rows, per model: (1) one-step generation vs the teacher's sampler on the same ba
 beside the ratio of network evaluations (counted by a hook on the UNet: a CFG step batched as 2x counts 2);
 (2) a DMD training iteration driven by Lightning's Trainer vs the sum of the network passes it needs, each timed
 alone; (3) pair generation by PairGenerator vs diffusers' own loop (DDIMPipeline for unconditional UNets);
-(4) peak memory of a training step with and without gradient checkpointing. Every figure is a median after a
+(4) peak memory of a training step with and without gradient checkpointing; (5) the generator's training state
+(parameters, gradients, AdamW state) with LoRA vs full fine-tuning, exact bytes. Every figure is a median after a
 warm-up. Writes bench.md and bench.json under --out.
 """
 
@@ -32,6 +33,7 @@ from dmd_lightning.module import DMDModule
 from dmd_lightning.optim import Optimization, make_adamw
 from dmd_lightning.samplers import make_scheduler, sample_ode
 from dmd_lightning.tools.bench_cases import (
+    SD15_UNET,
     Case,
     autocast,
     count_nfe,
@@ -40,6 +42,7 @@ from dmd_lightning.tools.bench_cases import (
     median,
     median_time,
     quiet,
+    training_state_bytes,
 )
 from dmd_lightning.tools.bench_report import DMD_STEP_TARGET, PAIRS_TARGET, machine, markdown
 
@@ -275,6 +278,18 @@ def bench_memory(name: str, quick: bool = False) -> dict:
             "ratio": on / off if off > 0 else float("nan")}
 
 
+# ------------------------------------------------------------------------------ 5. LoRA vs full fine-tuning
+def bench_lora(case: Case, rank: int = 64) -> dict:
+    """The generator's parameters + gradients + AdamW state with LoRA (rank 64, alpha 8: LoRADenoiser's defaults)
+    over those of full fine-tuning. Activations are not counted. tiny-sd counts the full-width SD1.5 layout it
+    stands for in the timed rows: counting needs no compute."""
+    unet = case.teacher.unet
+    sd15 = case.name in ("tiny-sd", "sd15")
+    full, lora = (training_state_bytes(type(unet), SD15_UNET if sd15 else unet.config, r) for r in (None, rank))
+    return {"unet": "SD1.5 layout" if sd15 else case.name, "rank": rank, "full": full, "lora": lora,
+            "ratio": sum(lora.values()) / sum(full.values())}
+
+
 def run(names: list[str], quick: bool = False) -> dict:
     """Every row for every case; quick: fewer repetitions and smaller batches."""
     repeat, warmup = (1, 1) if quick else (3, 1)
@@ -284,7 +299,8 @@ def run(names: list[str], quick: bool = False) -> dict:
         print(f"== {name}", flush=True)
         results[name] = {"one_step": bench_one_step(case, repeat, warmup),
                          "dmd_step": bench_dmd_step(case, 2 if quick else 9, 1 if quick else 2),
-                         "pairs": bench_pairs(case, 1 if quick else 5, warmup), "memory": bench_memory(name, quick)}
+                         "pairs": bench_pairs(case, 1 if quick else 5, warmup), "memory": bench_memory(name, quick),
+                         "lora": bench_lora(case)}
         del case
     return results
 

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from dmd_lightning.denoisers import Denoiser, PretrainedUNetDenoiser, UNetDenoiser
+from dmd_lightning.optim import make_adamw
 from dmd_lightning.schedule import VPSchedule
 
 SD15_UNET = dict(  # runwayml/stable-diffusion-v1-5 unet/config.json
@@ -132,3 +133,28 @@ def count_nfe(unet: torch.nn.Module, batch: int, fn: Callable[[], object]) -> fl
     finally:
         handle.remove()
     return sum(rows) / batch
+
+
+def training_state_bytes(unet_class: type, config: dict, lora_rank: int | None = None) -> dict[str, int]:
+    """Bytes that training a generator on this UNet holds besides activations: its parameters (frozen ones too), their
+    gradients and AdamW's state, counted tensor by tensor after one update run on the meta device (shapes and dtypes
+    without memory or compute: exact and machine-independent, in seconds even for SD1.5). lora_rank: the UNet as
+    LoRADenoiser adapts it (its targets, alpha 8), else full fine-tuning."""
+    from dmd_lightning.lora import LoRADenoiser
+
+    with torch.device("meta"):
+        unet = unet_class.from_config(config)
+    if lora_rank:
+        LoRADenoiser(UNetDenoiser(unet, VPSchedule()), rank=lora_rank)  # adapters in place, the rest frozen
+    c, meta = unet.config, torch.device("meta")
+    kw = {"encoder_hidden_states": torch.zeros(1, 77, c["cross_attention_dim"], device=meta)} \
+        if "cross_attention_dim" in c else {"class_labels": torch.zeros(1, dtype=torch.long, device=meta)} \
+        if c.get("num_class_embeds") else {}
+    opt = make_adamw(unet.parameters(), 1e-5, (0.9, 0.999), 0.01)
+    x = torch.zeros(1, c["in_channels"], c["sample_size"], c["sample_size"], device=meta)
+    unet(x, torch.full((1,), 999, device=meta), **kw).sample.float().square().mean().backward()
+    opt.step()
+    size = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)  # noqa: E731
+    params = list(unet.parameters())
+    return {"parameters": size(params), "gradients": size(p.grad for p in params if p.grad is not None),
+            "optimizer": size(v for st in opt.state.values() for v in st.values() if torch.is_tensor(v))}

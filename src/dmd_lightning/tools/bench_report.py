@@ -58,4 +58,9 @@ def markdown(results: dict, m: dict) -> str:
                    ["model", "measure", "with", "without", "with / without"],
                    [[k, x["kind"], mib(x["with_checkpointing_bytes"]), mib(x["without_checkpointing_bytes"]),
                      ratio(x["ratio"])] for k, x in ((k, v["memory"]) for k, v in r.items())])
+    lines += table("5. The generator's training state, LoRA vs full fine-tuning: parameters + gradients + AdamW state "
+                   "(exact bytes after one update; activations not counted)",
+                   ["model", "UNet", "full", "LoRA", "rank", "LoRA / full"],
+                   [[k, x["unet"], mib(sum(x["full"].values())), mib(sum(x["lora"].values())), x["rank"],
+                     ratio(x["ratio"])] for k, x in ((k, v["lora"]) for k, v in r.items())])
     return "\n".join(lines) + "\n"

@@ -6,12 +6,12 @@ import copy
 
 import pytest
 import torch
-from conftest import teacher_v, tiny_unet
+from conftest import teacher_v, tiny_unet, toy_optim
 from test_ddp import two_ranks_match_one_process
 from test_gan import fit
 from test_sd import PROMPTS, embed, sd, teacher  # noqa: F401  (module fixtures: the tiny SD pipeline)
 
-from dmd_lightning import DMDModule, UNetDenoiser, VPSchedule
+from dmd_lightning import DMDModule, GANLoss, UNetDenoiser, VPSchedule
 from dmd_lightning.checkpoint import ModelCheckpoint
 from dmd_lightning.generator import OneStepGenerator
 from dmd_lightning.lora import LoRADenoiser, is_lora, merged
@@ -31,8 +31,8 @@ def lora_dmd2(fake_lora: bool = True, **kw) -> DMDModule:
     t = teacher_v()
     generator = OneStepGenerator(LoRADenoiser(copy.deepcopy(t), rank=4, alpha=8))
     fake = LoRADenoiser(copy.deepcopy(t), rank=4, alpha=8) if fake_lora else None
-    args = dict(regression_loss=None, gan_generator_weight=3e-3, gan_classifier_weight=1e-2, warmup_steps=0,
-                generator_lr=1e-3, fake_lr=1e-3, fake_updates_per_generator_update=2)
+    args = dict(regression_loss=None, gan=GANLoss(generator_weight=3e-3, classifier_weight=1e-2),
+                optim=toy_optim(warmup_steps=0), fake_updates_per_generator_update=2)
     return DMDModule(t, generator, fake, **{**args, **kw})
 
 
@@ -81,7 +81,7 @@ def test_a_lora_generator_trains_its_adapters_only(tmp_path):
     assert len(opt_g.state) == len(lora_g) and all(p in opt_g.state for p in lora_g)
 
 
-def test_resume_continues_exactly(tmp_path):
+def test_resume_continues_exactly_from_checkpoints_without_the_frozen_base(tmp_path):
     torch.manual_seed(0)
     straight = lora_dmd2()
     fit(straight, tmp_path / "a", max_steps=9)
@@ -89,6 +89,9 @@ def test_resume_continues_exactly(tmp_path):
     first = lora_dmd2()
     ckpt = ModelCheckpoint(dirpath=tmp_path / "b", save_last=True, every_n_train_steps=100)
     fit(first, tmp_path / "b", max_steps=4, callbacks=[ckpt])
+    saved = torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)["state_dict"]
+    trained = [k for k in saved if k.startswith(("generator.", "generator_ema.", "fake_score."))]
+    assert trained and all("lora_" in k for k in trained if k.endswith("weight") and "norm" not in k), trained[:3]
     torch.manual_seed(0)
     resumed = lora_dmd2()
     fit(resumed, tmp_path / "b", max_steps=9, ckpt_path=str(tmp_path / "b" / "last.ckpt"))
@@ -172,7 +175,7 @@ def test_sd15_lora_config_fits_and_exports_with_the_tiny_pipeline(sd, tmp_path):
     run = cli(["fit", *args])
     m = run.model
     assert isinstance(m.generator.denoiser, LoRADenoiser) and m.generator.denoiser.lora_config.lora_alpha == 8
-    assert m.hparams.generator_lr == 5e-5 and m.iteration == 2 and not is_lora(m.fake_score)
+    assert m.optim.generator_lr == 5e-5 and m.iteration == 2 and not is_lora(m.fake_score)
     assert all(".lora_" in n for n, p in m.generator.named_parameters() if p.requires_grad)
     run.trainer.save_checkpoint(tmp_path / "last.ckpt")
     cli(["export", *args, "--ckpt_path", str(tmp_path / "last.ckpt"), "--out_dir", str(tmp_path / "export")])

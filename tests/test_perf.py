@@ -7,7 +7,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from dmd_lightning import DMDModule
 from dmd_lightning.data.stream import DMDDataModule
-from dmd_lightning.perf import Throughput, count_flops, peak_flops
+from dmd_lightning.perf import FastMath, Throughput, count_flops, peak_flops
 
 
 def test_flops_of_a_matmul_and_of_its_backward():
@@ -63,6 +63,24 @@ def test_compiled_networks_give_the_eager_losses_and_gradients(tmp_path):
     fit(m, tmp_path / "compiled", max_steps=2, callbacks=[compiled])
     assert m._compiled and list(m.state_dict()) == list(module().state_dict())  # keys unchanged by compiling
     for step, (a, b) in enumerate(zip(eager.grads, compiled.grads)):
+        assert sorted(a) == sorted(b) and a, step
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=f"{name} at step {step}")
+
+
+def test_channels_last_and_tf32_give_the_default_gradients(tmp_path):
+    """FastMath on the CPU: the same gradients (GroupNorm with channels-last weights has had silent gradient bugs;
+    TF32 changes nothing on a CPU, so this checks channels-last and that the callback leaves the method alone)."""
+    default, fast = FirstGradients(), FirstGradients()
+    fit(module(), tmp_path / "default", max_steps=2, callbacks=[default])
+    m = module()
+    try:
+        fit(m, tmp_path / "fast", max_steps=2, callbacks=[fast, FastMath(tf32=True, channels_last=True)])
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    convs = [p for p in m.generator.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] > 1]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in convs)
+    for step, (a, b) in enumerate(zip(default.grads, fast.grads)):
         assert sorted(a) == sorted(b) and a, step
         for name in a:
             torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=f"{name} at step {step}")

@@ -8,8 +8,10 @@ from torch import Tensor, nn
 
 def ema_tensors(ema: nn.Module, model: nn.Module) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
     """(ema floats, model floats, ema others, model others): parameters and floating buffers are averaged, the
-    other buffers (counters) copied. Worth caching: walking a UNet's modules costs more than the update."""
-    pairs = [*zip(ema.parameters(), model.parameters()), *zip(ema.buffers(), model.buffers())]
+    other buffers (counters) copied; parameters that do not train (a LoRA's frozen base) are left alone. Worth
+    caching: walking a UNet's modules costs more than the update."""
+    trained = [(e, m) for e, m in zip(ema.parameters(), model.parameters()) if m.requires_grad]
+    pairs = [*trained, *zip(ema.buffers(), model.buffers())]
     floats = [(e, m) for e, m in pairs if e.is_floating_point()]
     others = [(e, m) for e, m in pairs if not e.is_floating_point()]
     return [e for e, _ in floats], [m for _, m in floats], [e for e, _ in others], [m for _, m in others]

@@ -303,13 +303,25 @@ class DMDModule(LightningModule):
             if not is_finite_module(getattr(self, name)):
                 raise NonFiniteError(f"{name} has non-finite weights at iteration {self.iteration}; not saving")
         drop_frozen(checkpoint["state_dict"], FROZEN)
+        for k in self._untrained_keys():  # a LoRA's frozen base: as the configured network loads it
+            checkpoint["state_dict"].pop(k, None)
         checkpoint["dmd_iteration"] = self.iteration
         checkpoint["dmd_rng"] = {"global": rng_states(), "noise": self.noise.state()}
+
+    def _untrained_keys(self) -> list[str]:
+        """State-dict keys of the trained networks' parameters that do not train (a LoRA's frozen base, and its
+        twin in the EMA): left out of checkpoints, at SD1.5 scale 3.4 GB per network."""
+        frozen = [k for k, p in self.generator.named_parameters() if not p.requires_grad]
+        return ([f"generator.{k}" for k in frozen] + [f"generator_ema.{k}" for k in frozen]
+                + [f"fake_score.{k}" for k, p in self.fake_score.named_parameters() if not p.requires_grad])
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
             raise CheckpointError("the checkpoint holds no 'state_dict': pass a checkpoint written by `dmd fit`")
-        check_same_model(self.state_dict(), fill_frozen(self, checkpoint["state_dict"], FROZEN))
+        own, state = self.state_dict(), fill_frozen(self, checkpoint["state_dict"], FROZEN)
+        for k in self._untrained_keys():
+            state.setdefault(k, own[k])
+        check_same_model(own, state)
         self.iteration = int(checkpoint.get("dmd_iteration", 0))
         rng = checkpoint.get("dmd_rng")
         self._restored = rng if rng is not None and rng["noise"] is not None else None

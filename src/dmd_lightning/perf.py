@@ -57,7 +57,8 @@ class Throughput(Callback):
     def _cycle(self, pl_module) -> int:
         if self.count_iterations is not None:
             return self.count_iterations
-        return int(getattr(pl_module.hparams, "fake_updates_per_generator_update", 1) or 1)
+        ratio = int(getattr(pl_module.hparams, "fake_updates_per_generator_update", 1) or 1)
+        return ratio * getattr(getattr(pl_module, "optim", None), "accumulate", 1)  # batches of one update cycle
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.flops_per_iteration is None:
@@ -86,3 +87,21 @@ class Throughput(Callback):
                 metrics["perf/mfu"] = self.flops_per_iteration / seconds / peak
             pl_module.log_dict(metrics, on_step=True, rank_zero_only=True)
         self._last = now
+
+
+class FastMath(Callback):
+    """Settings that speed up CUDA training without changing the method: `tf32` lets float32 matmuls and
+    convolutions use TF32 tensor cores (torch.set_float32_matmul_precision("high"); bf16-mixed training keeps
+    its float32 parts, e.g. the optimizer, in float32), `channels_last` stores the networks' 4-D weights in
+    channels-last order, which cuDNN's fastest convolution kernels read (activations follow the weights). Both
+    are numerically checked against the default on the CPU (tests/test_perf.py); their speed is a GPU matter."""
+
+    def __init__(self, tf32: bool = True, channels_last: bool = False):
+        self.tf32, self.channels_last = tf32, channels_last
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.tf32:
+            torch.set_float32_matmul_precision("high")
+            torch.backends.cudnn.allow_tf32 = True
+        if self.channels_last:
+            pl_module.to(memory_format=torch.channels_last)

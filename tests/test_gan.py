@@ -39,6 +39,23 @@ def test_classifier_reads_the_fake_scores_bottleneck_and_its_losses_are_non_satu
                                torch.tensor(0.0), atol=1e-8, rtol=0)
 
 
+def test_the_generators_term_reaches_only_the_samples_also_with_gradient_checkpointing():
+    """frozen=True: the same gradient to x_t as a plain pass, none to the fake score or head, also when the fake
+    score recomputes its activations in backward (the SD configs checkpoint)."""
+    m = dmd2()
+    m.fake_score.unet.enable_gradient_checkpointing()
+    x, t, cond = torch.randn(3, 1, 16, 16), torch.tensor([10, 500, 999]), torch.tensor([1, 2, 3])
+    grads = []
+    for frozen in (False, True):
+        m.zero_grad(set_to_none=True)
+        x_t = x.clone().requires_grad_(True)
+        m.classifier(m.fake_score, x_t, t, cond, frozen=frozen).sum().backward()
+        grads.append(x_t.grad)
+    assert all(p.grad is None for p in [*m.fake_score.parameters(), *m.classifier.parameters()])
+    torch.testing.assert_close(grads[1], grads[0])
+    assert grads[0].abs().sum() > 0
+
+
 def test_each_loss_reaches_only_the_networks_it_should(tmp_path, monkeypatch):
     m = dmd2()
     seen = []

@@ -42,6 +42,20 @@ def write_tokenizer(folder):
     return tok, len(vocab)
 
 
+def write_real_images(folder, n: int = 5, size: int = 64):
+    """n random RGB images `i.png` of size x size, each with its caption `i.txt`; their captions."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(3)
+    captions = [f"real photo {chr(ord('a') + i)}" for i in range(n)]
+    for i, caption in enumerate(captions):
+        pixels = torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(caption + "\n")
+    return captions
+
+
 @pytest.fixture(scope="module")
 def sd(tmp_path_factory):
     """A tiny SD1.5-layout pipeline folder (unet, vae, text_encoder, tokenizer, scheduler), a TAESD folder and a
@@ -322,17 +336,21 @@ def test_sample_writer_decodes_latents_and_keeps_the_prompts(sd, tmp_path, suffi
 
 
 def test_sd15_dmd2_config_fits_without_pairs(sd, tmp_path):
-    """configs/sd15_dmd2.yaml (the paper's first DMD2 stage) as is, but for paths and sizes: no pairs are read."""
+    """configs/sd15_dmd2.yaml as is, but for paths and sizes: no pairs are read, the GAN sees real latents of a
+    tiny image folder encoded by the tiny pipeline's VAE."""
     import yaml
 
+    write_real_images(tmp_path / "real", 3)
+    real = {"source": str(tmp_path / "real"), "vae": sd["pipe"], "resolution": 64, "cache_dir": str(tmp_path / "rc")}
     override = {
         "trainer": {"accelerator": "cpu", "devices": 1, "strategy": "auto", "precision": "32-true", "max_steps": 3,
                     "limit_val_batches": 0, "logger": False, "callbacks": None, "enable_checkpointing": False,
-                    "default_root_dir": str(tmp_path), "enable_progress_bar": False},
+                    "default_root_dir": str(tmp_path), "enable_progress_bar": False, "log_every_n_steps": 1},
         "model": {"init_args": {"teacher": {"init_args": {"path": sd["pipe"], "embedding_cache": sd["cache"]}},
                                 "evaluator": None}},
         "data": {"init_args": {"prompts": sd["prompts"], "text_encoder": sd["pipe"], "embedding_cache": sd["cache"],
-                               "batch_size": 1, "val_prompts": None, "latent_shape": [4, 8, 8]}},
+                               "batch_size": 1, "val_prompts": None, "latent_shape": [4, 8, 8],
+                               "real_images": {"init_args": real}}},
     }
     (tmp_path / "override.yaml").write_text(yaml.safe_dump(override))
     run = cli(["fit", "--config", "configs/sd15_dmd2.yaml", "--config", str(tmp_path / "override.yaml")])
@@ -340,6 +358,10 @@ def test_sd15_dmd2_config_fits_without_pairs(sd, tmp_path):
     assert m.dm_loss.guidance_scale == 1.75 and m.optim.generator_lr == m.optim.fake_lr == 1e-5
     assert m.hparams.fake_updates_per_generator_update == 10 and m.regression_loss is None
     assert run.datamodule.pairs is None and m.iteration == 2  # 3 optimizer steps: generator + fake, then fake
+    assert m.gan.generator_weight == 1e-3 and m.gan.classifier_weight == 1e-2
+    assert list(m.fake_loss.t_range) == [0.0, 1.0] and m.classifier is not None
+    assert run.datamodule.real.images.shape == (3, 4, 8, 8)
+    assert torch.isfinite(run.trainer.callback_metrics["fake_score/loss_classifier"])
 
 
 def test_a_multi_step_export_samples_as_the_generator(sd, teacher, tmp_path):

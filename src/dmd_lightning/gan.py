@@ -40,9 +40,14 @@ class BottleneckClassifier(nn.Module):
     def forward(self, denoiser: Denoiser, x_t: Tensor, t: Tensor, cond=None, frozen: bool = False) -> Tensor:
         """Logits (B,) from the features of `denoiser` (the fake score this head was built for) at (x_t, t).
 
-        frozen: the gradient reaches x_t only, not the fake score or this head (the generator's GAN term): their
-        parameters enter detached, so no backward pass of the generator's loss touches them (which DDP requires).
+        frozen: the gradient reaches x_t only, not the fake score or this head (the generator's GAN term): no
+        backward pass of the generator's loss touches their parameters (which DDP requires); see _GradToInputOnly.
         """
+        if frozen:
+            return _GradToInputOnly.apply(x_t, lambda x: self._logits(denoiser, x, t, cond))
+        return self._logits(denoiser, x_t, t, cond)
+
+    def _logits(self, denoiser: Denoiser, x_t: Tensor, t: Tensor, cond) -> Tensor:
         caught = []
 
         def catch(module, inputs, output):
@@ -51,22 +56,30 @@ class BottleneckClassifier(nn.Module):
 
         hook = denoiser.unet.mid_block.register_forward_hook(catch)
         try:
-            if frozen:
-                torch.func.functional_call(denoiser, _detached(denoiser), (x_t, t, cond))
-            else:
-                denoiser(x_t, t, cond)
+            denoiser(x_t, t, cond)
         except _Caught:
             pass
         finally:
             hook.remove()
-        features = caught[0].float()
-        if frozen:
-            return torch.func.functional_call(self.head, _detached(self.head), (features,)).squeeze(1)
-        return self.head(features).squeeze(1)
+        return self.head(caught[0].float()).squeeze(1)
 
 
-def _detached(net: nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach() for k, v in net.named_parameters()}
+class _GradToInputOnly(torch.autograd.Function):
+    """y = f(x) whose backward reaches x alone: torch.autograd.grad(y, x) inside the backward, so f's parameters get
+    no gradient and their hooks (DDP's) never fire. f keeps its own parameters, so gradient checkpointing inside f
+    recomputes in backward exactly what its forward saved; parameters swapped for detached copies (functional_call)
+    are gone by then, and the recomputation would differ (torch's CheckpointError)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, f) -> Tensor:
+        with torch.enable_grad():
+            ctx.x = x.detach().requires_grad_(True)
+            ctx.y = f(ctx.x)
+        return ctx.y.detach()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return torch.autograd.grad(ctx.y, ctx.x, grad)[0], None
 
 
 class _Caught(Exception):

@@ -149,15 +149,17 @@ def checksum_problem(path: Path, metadata: dict, small: dict[str, Tensor]) -> st
     return f"checksum mismatch in {bad[0]!r}" if bad else None
 
 
-def read_shard(path: Path, indices: range) -> tuple[dict[str, Tensor], dict]:
+def read_shard(path: Path, indices: range, images: tuple[str, ...] | None = None) -> tuple[dict[str, Tensor], dict]:
     """Settings of one shard and its small per-pair tensors (`index`, and `cond`, `prompt_index`, ... if present;
     not the images: see map_shard), after verifying every checksum. ShardError naming the file if it is missing,
-    truncated, corrupted, has no checksums, or holds other indices."""
+    truncated, corrupted, has no checksums, or holds other indices. `images`: the image tensors it must hold
+    (default IMAGES; a cache of real latents has `x` only)."""
+    images = IMAGES if images is None else images
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             lengths = {k: f.get_slice(k).get_shape()[0] for k in f.keys()}
-            small = {k: f.get_tensor(k) for k in f.keys() if k not in IMAGES}
+            small = {k: f.get_tensor(k) for k in f.keys() if k not in images}
         problem = checksum_problem(path, metadata, small)
         settings = json.loads(metadata["settings"])
     except FileNotFoundError:
@@ -169,7 +171,7 @@ def read_shard(path: Path, indices: range) -> tuple[dict[str, Tensor], dict]:
     expected = torch.arange(indices.start, indices.stop)
     index = small.get("index")
     if (index is None or index.dtype != expected.dtype or not torch.equal(index, expected)
-            or any(k not in lengths for k in IMAGES)
+            or any(k not in lengths for k in images)
             or any(n != len(expected) for n in lengths.values())):
         raise ShardError(path, f"does not hold pairs {indices.start}..{indices.stop - 1} (index, noise, x, ... of "
                                f"{len(expected)} rows each)")

@@ -22,6 +22,7 @@ from dmd_lightning.data.generation import PairGenerationDataModule, PairGenerato
 from dmd_lightning.data.stream import StreamDataModule
 from dmd_lightning.errors import ConfigError
 from dmd_lightning.sd.model import PromptEmbeddings
+from dmd_lightning.sd.real import RealLatents
 
 PROMPTS = "prompts.json"
 PROMPT_COLUMNS = ("prompt", "caption", "text")
@@ -167,30 +168,36 @@ class _ValBatches(Dataset):
 
 
 class SDDMDDataModule(StreamDataModule):
-    """Training batches {z, cond, pair_z, pair_x, pair_cond} for DMD on a latent teacher, validation batches
-    {z, cond, prompt_index, prompt}.
+    """Training batches {z, cond, pair_z, pair_x, pair_cond, real_x, real_cond} for DMD and DMD2 on a latent
+    teacher, validation batches {z, cond, prompt_index, prompt}.
 
     The DM batch is fresh latent noise with prompts drawn uniformly from `prompts`; the regression batch is
     drawn from the latent pairs of `pairs_dir` with their own prompts' embeddings (none with `pairs_dir: null`,
-    for DMD2 without regression; the latents then have `latent_shape`). Validation uses the first
-    `val_size` prompts of `val_prompts` (default: `prompts`), in order, e.g. COCO-30k captions. All embeddings
-    come from PromptEmbeddings' cache (built in prepare_data, memory-mapped in setup). Sizes are per device.
+    for DMD2 without regression; the latents then have `latent_shape`). `real_images` (DMD2's GAN) adds
+    `batch_size` real latents per device with their captions' embeddings, drawn uniformly with replacement (as the
+    official code's real loader, at the DM batch size). All are drawn from one seeded global stream, so resume and
+    DDP see the batches of one uninterrupted process. Validation uses the first `val_size` prompts of
+    `val_prompts` (default: `prompts`), in order, e.g. COCO-30k captions. All embeddings come from
+    PromptEmbeddings' cache and the real latents from theirs (built in prepare_data, memory-mapped in setup).
+    Sizes are per device.
     """
 
     def __init__(self, pairs_dir: str | None, prompts: str, text_encoder: str, embedding_cache: str = "runs/prompt_cache",
                  batch_size: int = 8, pair_batch_size: int = 8, val_prompts: str | None = None, val_size: int = 1000,
                  val_batch_size: int = 16, seed: int = 0, expect: dict | None = None,
-                 latent_shape: list[int] = [4, 64, 64]):
+                 latent_shape: list[int] = [4, 64, 64], real_images: RealLatents | None = None):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["real_images"])
         self.embedder = PromptEmbeddings(text_encoder, embedding_cache)
         self.pairs: LatentPairDataset | None = None
+        self.real = real_images
 
     def prompt_lists(self) -> dict[str, list[str]]:
         hp = self.hparams
         return {"train": read_prompts(hp.prompts), "val": read_prompts(hp.val_prompts or hp.prompts),
                 "pairs": json.loads((Path(hp.pairs_dir) / PROMPTS).read_text())
-                if hp.pairs_dir is not None and (Path(hp.pairs_dir) / PROMPTS).is_file() else []}
+                if hp.pairs_dir is not None and (Path(hp.pairs_dir) / PROMPTS).is_file() else [],
+                "real": self.real.load(self._device()).captions if self.real is not None else []}
 
     def _device(self):
         return self.trainer.strategy.root_device if self.trainer is not None else "cpu"
@@ -208,9 +215,13 @@ class SDDMDDataModule(StreamDataModule):
             self.pairs = LatentPairDataset(self.hparams.pairs_dir, expect=self.hparams.expect)
         self.val_prompts = lists["val"]
         self.embeddings = {k: self.embedder.load(v, self._device()) for k, v in lists.items()}
+        if self.real is not None and tuple(self.real.images.shape[1:]) != self.sample_shape:
+            raise ConfigError(f"real latents of shape {tuple(self.real.images.shape[1:])} (resolution "
+                              f"{self.real.resolution}) but samples of shape {self.sample_shape}: set real_images' "
+                              "resolution to 8 x the latent size")
 
     def train_batch(self, g: torch.Generator, world: int) -> dict[str, Tensor]:
-        """A global batch: latent noise with random prompts for `world` devices, and their regression pairs."""
+        """A global batch for `world` devices: latent noise with random prompts, regression pairs, real latents."""
         n, m = self.hparams.batch_size * world, self.hparams.pair_batch_size * world
         z = torch.randn(n, *self.sample_shape, generator=g)
         prompt = torch.randint(0, len(self.embeddings["train"]), (n,), generator=g)
@@ -219,6 +230,9 @@ class SDDMDDataModule(StreamDataModule):
             idx = torch.randint(0, len(self.pairs), (m,), generator=g)
             out.update(pair_z=self.pairs.noise[idx].float(), pair_x=self.pairs.x[idx].float(),
                        pair_cond=self.embeddings["pairs"][self.pairs.prompt_index[idx]].float())
+        if self.real is not None:  # drawn last: runs without real images keep their streams
+            idx = torch.randint(0, len(self.real.images), (n,), generator=g)
+            out.update(real_x=self.real.images[idx].float(), real_cond=self.embeddings["real"][idx].float())
         return out
 
     @property

@@ -2,8 +2,8 @@
 
 A pipeline folder (or hub id) holds unet/, scheduler/, text_encoder/, tokenizer/ and vae/ as diffusers saves
 them. The text encoder never runs in a training step: prompts are encoded once by PromptEmbeddings and read
-back from a safetensors file. The VAE only decodes latents, for the LPIPS regression loss (DMD Sec. 3.3 on
-images, App. C: decoded latents) and for evaluation.
+back from a safetensors file. The VAE decodes latents, for the LPIPS regression loss (DMD Sec. 3.3 on images,
+App. C: decoded latents) and for evaluation, and encodes DMD2's real images once (sd/real.py).
 """
 
 from __future__ import annotations
@@ -122,6 +122,13 @@ class SDDenoiser(UNetDenoiser):
         self.path = root
 
 
+def vae_subfolder(path: str, decoder: Literal["kl", "tiny"] = "kl") -> str | None:
+    """Where a VAE lies under `path`: pipelines hold it in vae/ (hub ids too), TAESD repositories and bare VAE
+    folders at their root (None)."""
+    p = Path(path)
+    return "vae" if (p / "vae").is_dir() or (decoder == "kl" and not (p / "config.json").is_file()) else None
+
+
 def load_vae(path: str, decoder: Literal["kl", "tiny"] = "kl") -> nn.Module:
     """The frozen latent decoder: AutoencoderKL of a pipeline (its vae/ subfolder) or, with decoder='tiny',
     diffusers' AutoencoderTiny (TAESD, e.g. 'madebyollin/taesd'). The encoder is dropped: only decode is used."""
@@ -130,9 +137,7 @@ def load_vae(path: str, decoder: Literal["kl", "tiny"] = "kl") -> nn.Module:
     cls = {"kl": AutoencoderKL, "tiny": AutoencoderTiny}.get(decoder)
     if cls is None:
         raise ConfigError(f"unknown decoder {decoder!r}; expected 'kl' or 'tiny'")
-    p = Path(path)  # pipelines hold the VAE in vae/, TAESD repositories and bare VAE folders at their root
-    sub = "vae" if (p / "vae").is_dir() or (decoder == "kl" and not (p / "config.json").is_file()) else None
-    vae = load_pretrained(cls, str(path), sub)
+    vae = load_pretrained(cls, str(path), vae_subfolder(path, decoder))
     vae.encoder = None  # roughly half of the weights, never needed
     if hasattr(vae, "quant_conv"):
         vae.quant_conv = None
@@ -144,6 +149,16 @@ def decode_latents(vae: nn.Module, latents: Tensor) -> Tensor:
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     dtype = next(vae.parameters()).dtype
     return vae.decode((latents / vae.config.scaling_factor + shift).to(dtype)).sample.float()
+
+
+@torch.no_grad()
+def encode_images(vae: nn.Module, images: Tensor) -> Tensor:
+    """Images (B, 3, H, W) in [-1, 1] -> latents (B, 4, H/8, W/8) in the teacher's space, the inverse of
+    decode_latents: the mean of the VAE's posterior, shifted and scaled (deterministic; see sd/real.py)."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    param = next(vae.parameters())
+    mean = vae.encode(images.to(param.device, param.dtype)).latent_dist.mean
+    return (mean.float() - shift) * vae.config.scaling_factor
 
 
 class DecodedLPIPSLoss(nn.Module):
@@ -169,4 +184,4 @@ class DecodedLPIPSLoss(nn.Module):
 
 
 __all__ = ["DecodedLPIPSLoss", "PromptEmbeddings", "SDDenoiser", "WeightsNotFoundError", "decode_latents",
-           "encode_prompts", "load_text_encoder", "load_vae"]
+           "encode_images", "encode_prompts", "load_text_encoder", "load_vae", "vae_subfolder"]

@@ -72,7 +72,7 @@ def check_data(teacher: Denoiser, datamodule, gan: bool = False) -> None:
     check_labels(teacher, getattr(datamodule, "num_classes", None))
     if gan and datamodule is not None and getattr(datamodule, "real", None) is None:
         raise ConfigError("the GAN (gan: ...) needs real images: set the data module's real_images "
-                          "(e.g. dmd_lightning.fmnist.data.FashionMNISTImages)")
+                          "(dmd_lightning.fmnist.data.FashionMNISTImages; for SD, dmd_lightning.sd.real.RealLatents)")
 
 
 def check_labels(teacher: Denoiser, num_classes: int | None) -> None:

@@ -115,7 +115,8 @@ def test_dmd_export_then_predict_from_the_folder_gives_the_checkpoints_images(tm
     cli(["predict", "--config", config, *ckpt])
     cli(["predict", "--config", str(ROOT / "configs/exported.yaml"), "--model.init_args.path", str(tmp_path / "export"),
          "--data.init_args.num_samples", "6", "--data.init_args.batch_size", "4", "--trainer.accelerator", "cpu",
-         "--trainer.enable_progress_bar", "false", "--trainer.callbacks.out", str(tmp_path / "exported.npz")])
+         "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path / "exported"),
+         "--trainer.callbacks.out", str(tmp_path / "exported.npz")])
     assert "without --ckpt_path" not in capsys.readouterr().err  # the folder holds trained weights
     ours, theirs = np.load(tmp_path / "exported.npz"), np.load(tmp_path / "checkpoint.npz")
     assert ours["images"].shape == (6, 16, 16, 1) and ours["labels"].tolist() == [0, 1, 2, 3, 4, 5]

@@ -2,7 +2,8 @@
 
 `--ckpt_path last` means the newest `last.ckpt` of the config's run, wherever its version folder is
 (checkpoint.find_last_checkpoint); `dmd fit` without one starts from scratch and says so. `dmd validate`, `test`,
-`predict` and `export` without `--ckpt_path` warn in one line that they use the untrained generator.
+`predict` and `export` without `--ckpt_path` warn in one line that they use the untrained generator (not `dmd predict`
+of an exported folder, configs/exported.yaml, whose weights are the folder's).
 """
 
 from __future__ import annotations
@@ -56,10 +57,10 @@ class DMDTrainer(Trainer):
         print(f"exported the {'EMA ' if ema else ''}generator to {out} (usage: {out / 'README.md'})")
 
     def validate(self, model: LightningModule | None = None, dataloaders=None, ckpt_path: str | None = None,
-                 verbose: bool = False, datamodule: LightningDataModule | None = None):
+                 verbose: bool = False, datamodule: LightningDataModule | None = None, **kwargs):
         """Score the (EMA) generator on the validation set; `dmd validate` prints one table (metric, value, samples,
         NFE, s/image) and writes it as JSON beside the checkpoint (metrics.report); verbose: Lightning's too."""
-        return super().validate(model, dataloaders, ckpt_path, verbose, datamodule)
+        return super().validate(model, dataloaders, ckpt_path, verbose, datamodule, **kwargs)
 
 
 class OneLineErrorParser(LightningArgumentParser):

@@ -218,7 +218,7 @@ OTHER_ERRORS = [
     ("validate: no last checkpoint", ["validate", "--config", TOY, "--ckpt_path", "last"],
      ["--ckpt_path last", "no last.ckpt"]),
     ("export: not a checkpoint", ["export", "--config", FMNIST, "--ckpt_path", "{tmp}/notes.txt"], ["notes.txt"]),
-    ("export: pixel model", ["export", "--config", FMNIST], ["pixel-space"]),
+    ("export: a generator without a UNet", ["export", "--config", TOY], ["OneStepGenerator", "MLPGenerator"]),
 ]
 CASES = [(name, ["fit", "--config", *args], words) for name, args, words in USER_ERRORS] + OTHER_ERRORS
 

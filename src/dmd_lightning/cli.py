@@ -2,7 +2,8 @@
 
 `--ckpt_path last` means the newest `last.ckpt` of the config's run, wherever its version folder is
 (checkpoint.find_last_checkpoint); `dmd fit` without one starts from scratch and says so. `dmd validate`, `test`,
-`predict` and `export` without `--ckpt_path` warn in one line that they use the untrained generator.
+`predict` and `export` without `--ckpt_path` warn in one line that they use the untrained generator (not `dmd predict`
+of an exported folder, configs/exported.yaml, whose weights are the folder's).
 """
 
 from __future__ import annotations
@@ -38,20 +39,28 @@ class DMDTrainer(Trainer):
     def export(self, model: LightningModule, datamodule: LightningDataModule | None = None,
                ckpt_path: str | None = None, out_dir: str = "runs/export", ema: bool = True,
                teacher_path: str | None = None, dtype: str = "float32") -> None:
-        """Write the (EMA) one-step generator of a DMDModule as a diffusers StableDiffusionPipeline folder.
+        """Write the (EMA) generator of a DMDModule as a diffusers pipeline folder, by model kind.
 
-        Loads the weights of `ckpt_path` (a `dmd fit` checkpoint) into the configured model; the VAE, text
-        encoder and tokenizer come from the teacher's folder (or `teacher_path`). The pipeline takes exactly one
-        step: `pipe(prompt, num_inference_steps=1, guidance_scale=1.0)`. dtype: float32, float16 or bfloat16.
+        Loads the weights of `ckpt_path` (a `dmd fit` checkpoint) into the configured model. A pixel-space UNet2DModel
+        generator becomes a ConsistencyModelPipeline: `DiffusionPipeline.from_pretrained(out_dir)(batch_size=4,
+        class_labels=[...], ...)`, the exact call in the folder's README; a Stable Diffusion one a
+        StableDiffusionPipeline with the teacher's VAE, text encoder and tokenizer (from its folder or
+        `teacher_path`). ema=False: the raw generator. dtype: float32, float16 or bfloat16.
         """
-        from dmd_lightning.sd.export import export_module
+        from dmd_lightning.export import export_module
 
         if ckpt_path is not None:
             checkpoint = self.strategy.checkpoint_io.load_checkpoint(ckpt_path)
             model.on_load_checkpoint(checkpoint)
             model.load_state_dict(checkpoint["state_dict"])
         out = export_module(model, out_dir, ema=ema, teacher_path=teacher_path, dtype=dtype)
-        print(f"exported the {'EMA ' if ema else ''}generator to {out}")
+        print(f"exported the {'EMA ' if ema else ''}generator to {out} (usage: {out / 'README.md'})")
+
+    def validate(self, model: LightningModule | None = None, dataloaders=None, ckpt_path: str | None = None,
+                 verbose: bool = False, datamodule: LightningDataModule | None = None, **kwargs):
+        """Score the (EMA) generator on the validation set; `dmd validate` prints one table (metric, value, samples,
+        NFE, s/image) and writes it as JSON beside the checkpoint (metrics.report); verbose: Lightning's too."""
+        return super().validate(model, dataloaders, ckpt_path, verbose, datamodule, **kwargs)
 
 
 class OneLineErrorParser(LightningArgumentParser):
@@ -111,16 +120,27 @@ class DMDCLI(LightningCLI):
             kwargs["ckpt_path"] = path
         elif path is not None and "://" not in str(path) and not os.path.exists(path):
             raise CheckpointError(f"--ckpt_path {path}: no such file or folder")
-        elif path is None and not training and self.subcommand != "pairs":
+        elif path is None and not training and self.subcommand != "pairs" and self.model_needs_checkpoint:
             print(f"warning: `dmd {self.subcommand}` without --ckpt_path uses the untrained generator (the teacher's "
                   "copy); pass --ckpt_path PATH or --ckpt_path last", file=sys.stderr)
 
-    before_fit = before_validate = before_test = before_predict = resolve_ckpt_path
+    @property
+    def model_needs_checkpoint(self) -> bool:
+        """False for a model whose weights come from elsewhere (export.pretrained.ExportedGenerator)."""
+        return getattr(self.model, "needs_checkpoint", True)
+
+    before_fit = before_test = before_predict = resolve_ckpt_path
+
+    def before_validate(self) -> None:
+        from dmd_lightning.metrics.report import ValidationReport
+
+        self.resolve_ckpt_path()
+        self.trainer.callbacks.append(ValidationReport())
 
     def before_export(self) -> None:
-        from dmd_lightning.sd.export import generator_unet
+        from dmd_lightning.export import generator_unet
 
-        generator_unet(self.model.generator_ema)  # a model that cannot be exported is refused first
+        generator_unet(getattr(self.model, "generator_ema", None))  # a model that cannot be exported is refused first
         self.resolve_ckpt_path()
 
 

@@ -8,7 +8,8 @@ each by its message (and logger or category), so that anything else still reache
   by the pairs' own `index`), of which Lightning warns too.
 - Lightning advertises litlogger and litmodels, and says `weights_only` defaulted to False (our CheckpointIO
   loads with True).
-- diffusers says `accelerate` is missing (it only speeds up loading; the project does not depend on it).
+- diffusers says `accelerate` is missing (it only speeds up loading; the project does not depend on it), and that
+  `dmd export`'s cast of a UNet to its dtype keeps no module in float32 when there is none to keep (`[]`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ WARNINGS = (r"Found \d+ module\(s\) in eval mode at the start of training",
 LOG_MESSAGES = {
     "lightning.pytorch.utilities.rank_zero": ("litlogger", "litmodels"),
     "lightning.pytorch.trainer.connectors.checkpoint_connector": ("`weights_only` was not set",),
-    "diffusers.models.modeling_utils": ("`accelerate` was not found",),
+    "diffusers.models.modeling_utils": ("`accelerate` was not found", "should be kept in float32: []."),
 }
 
 

@@ -152,18 +152,42 @@ class DMDDataModule(StreamDataModule):
     def val_batches(self) -> list[dict[str, Tensor]]:
         """Fixed seeded noise and balanced labels; the same for every validation and for `dmd predict`."""
         hp = self.hparams
-        g = torch.Generator().manual_seed(hp.seed + 1 if hp.val_seed is None else hp.val_seed)
-        z = torch.randn(hp.val_size, *self.sample_shape, generator=g)
-        out = []
-        for start in range(0, hp.val_size, hp.val_batch_size):
-            b = {"z": z[start:start + hp.val_batch_size]}
-            if hp.num_classes is not None:
-                b["cond"] = torch.arange(start, start + len(b["z"])) % hp.num_classes
-            out.append(b)
-        return out
+        seed = hp.seed + 1 if hp.val_seed is None else hp.val_seed
+        return noise_batches(self.sample_shape, hp.val_size, hp.val_batch_size, hp.num_classes, seed)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_batches(), batch_size=None)
 
     test_dataloader = val_dataloader
     predict_dataloader = val_dataloader
+
+
+def noise_batches(shape: tuple[int, ...], size: int, batch_size: int, num_classes: int | None,
+                  seed: int) -> list[dict[str, Tensor]]:
+    """`size` noise samples of `shape` drawn from `seed`, in batches {z, cond}, with labels i % num_classes."""
+    z = torch.randn(size, *shape, generator=torch.Generator().manual_seed(seed))
+    out = []
+    for start in range(0, size, batch_size):
+        b = {"z": z[start:start + batch_size]}
+        if num_classes is not None:
+            b["cond"] = torch.arange(start, start + len(b["z"])) % num_classes
+        out.append(b)
+    return out
+
+
+class NoiseDataModule(LightningDataModule):
+    """Fixed seeded {z, cond} for `dmd predict` of a model that needs no data (export.pretrained.ExportedGenerator),
+    of the model's `sample_shape` and `num_classes`: with seed = a DMDDataModule's val_seed (default: its seed + 1)
+    and the same sizes, the very batches that it validates and predicts on."""
+
+    def __init__(self, num_samples: int = 10000, batch_size: int = 500, seed: int = 1):
+        super().__init__()
+        check_int("num_samples", num_samples)
+        check_int("batch_size", batch_size)
+        check_int("seed", seed, 0)
+        self.save_hyperparameters()
+
+    def predict_dataloader(self) -> DataLoader:
+        model, hp = self.trainer.lightning_module, self.hparams
+        batches = noise_batches(tuple(model.sample_shape), hp.num_samples, hp.batch_size, model.num_classes, hp.seed)
+        return DataLoader(batches, batch_size=None)

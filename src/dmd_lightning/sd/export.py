@@ -1,4 +1,4 @@
-"""`dmd export`: the (EMA) one-step generator as a diffusers StableDiffusionPipeline folder.
+"""`dmd export` of a Stable Diffusion student: its (EMA) generator as a diffusers StableDiffusionPipeline folder.
 
 The folder holds the generator's UNet with the teacher's vae/, text_encoder/ and tokenizer/, and a DDIMScheduler
 set up so that one inference step is exactly the generator: timestep_spacing='trailing' makes the single step
@@ -17,15 +17,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from dmd_lightning.errors import ConfigError
-from dmd_lightning.generator import OneStepGenerator
+from dmd_lightning.export import DTYPES, generator_unet, step_scheduler, unet_copy
 from dmd_lightning.loading import load_pretrained
-from dmd_lightning.lora import is_lora, merged
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from dmd_lightning.lora import is_lora
 
 
 def one_step_scheduler(teacher_scheduler_config: dict):
@@ -37,46 +34,20 @@ def one_step_scheduler(teacher_scheduler_config: dict):
                                       "clip_sample": False, "thresholding": False, "steps_offset": 0})
 
 
-def generator_unet(generator: nn.Module) -> nn.Module:
-    """The UNet inside a OneStepGenerator built on a UNet denoiser (SDDenoiser)."""
-    unet = getattr(getattr(generator, "denoiser", None), "unet", None)
-    if not isinstance(generator, OneStepGenerator) or unet is None:
-        raise ConfigError(f"dmd export needs a OneStepGenerator around a UNet denoiser, got {type(generator).__name__}")
-    if not getattr(generator.denoiser, "text_conditional", False):
-        raise ConfigError("dmd export writes Stable Diffusion pipelines (text-conditional latent UNets); this "
-                          "generator is a pixel-space UNet, which it cannot export yet")
-    if generator.timestep != generator.denoiser.schedule.T - 1:
-        raise ConfigError(f"the generator reads noise at t={generator.timestep}; a DDIM step can only start at T-1")
-    return unet
-
-
-def multi_step_scheduler(teacher_scheduler_config: dict):
-    """An LCMScheduler on the teacher's schedule: at each of the timesteps the pipeline is given it takes the UNet's
-    x_0 and noises it afresh to the next one, as MultiStepGenerator samples (LCM's boundary scalings c_skip and
-    c_out are 1e-7 away from 0 and 1 at timesteps of 100 and more)."""
-    from diffusers import LCMScheduler
-
-    config = {k: v for k, v in dict(teacher_scheduler_config).items() if not k.startswith("_")}
-    return LCMScheduler.from_config({**config, "timestep_spacing": "trailing", "clip_sample": False,
-                                     "thresholding": False, "steps_offset": 0})
-
-
 def export_pipeline(generator: nn.Module, teacher_path: str, out_dir: str | Path, dtype: str = "float32") -> Path:
     """Write a StableDiffusionPipeline folder: the generator's UNet, the teacher's VAE, text encoder and tokenizer
     (loaded from `teacher_path`, a pipeline folder or hub id) and the one-step scheduler, or for a multi-step
-    generator an LCMScheduler called with its timesteps. No safety checker."""
+    generator an LCMScheduler called with its timesteps (export.step_scheduler). No safety checker."""
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    if dtype not in DTYPES:
-        raise ConfigError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    unet = unet_copy(generator, dtype)  # a LoRA generator's adapters merged in
     lora = is_lora(generator_unet(generator))
-    unet = merged(generator_unet(generator)).to("cpu", DTYPES[dtype])  # a plain copy of a UNet without LoRA
-    if unet.is_gradient_checkpointing:
-        unet.disable_gradient_checkpointing()
+    steps = list(generator.timesteps)
+    if len(steps) == 1 and steps[0] != generator.denoiser.schedule.T - 1:
+        raise ConfigError(f"the generator reads noise at t={steps[0]}; a DDIM step can only start at T-1")
     scheduler_config = DDPMScheduler.load_config(teacher_path, subfolder="scheduler")
-    steps = list(getattr(generator, "timesteps", (generator.timestep,)))
-    scheduler = one_step_scheduler(scheduler_config) if len(steps) == 1 else multi_step_scheduler(scheduler_config)
+    scheduler = one_step_scheduler(scheduler_config) if len(steps) == 1 else step_scheduler(scheduler_config, steps)
     pipe = StableDiffusionPipeline(
         vae=load_pretrained(AutoencoderKL, teacher_path, "vae", torch_dtype=DTYPES[dtype]),
         text_encoder=load_pretrained(CLIPTextModel, teacher_path, "text_encoder", torch_dtype=DTYPES[dtype]),
@@ -114,13 +85,3 @@ def export_lora(unet: nn.Module, out_dir: str | Path, dtype: str = "float32") ->
     StableDiffusionPipeline.save_lora_weights(str(out_dir), unet_lora_layers=state,
                                               unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
     return Path(out_dir)
-
-
-def export_module(module: nn.Module, out_dir: str | Path, ema: bool = True, teacher_path: str | None = None,
-                  dtype: str = "float32") -> Path:
-    """export_pipeline for a DMDModule: its EMA generator (or the raw one), the teacher's components."""
-    path = teacher_path or getattr(module.teacher, "path", None)
-    if path is None:
-        raise ConfigError("the teacher has no `path`; pass teacher_path (a pipeline folder with vae/, text_encoder/, "
-                         "tokenizer/, scheduler/)")
-    return export_pipeline(module.generator_ema if ema else module.generator, path, out_dir, dtype)

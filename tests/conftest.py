@@ -1,10 +1,15 @@
+import json
 import os
 import warnings
 
 import pytest
 import torch
+from lightning import Callback, Trainer, seed_everything
 
-from dmd_lightning.data.stream import RealImages
+from dmd_lightning.cli import DMDTrainer
+from dmd_lightning.data.stream import DMDDataModule, RealImages
+from dmd_lightning.sd.data import LatentPairGenerationDataModule, TextPairGenerator
+from dmd_lightning.sd.model import PromptEmbeddings, SDDenoiser
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
@@ -90,3 +95,145 @@ def dmd2(steps=(999,), **kw):
     args = dict(regression_loss=None, gan=GANLoss(generator_weight=3e-3, classifier_weight=1e-2),
                 optim=toy_optim(warmup_steps=0), fake_updates_per_generator_update=2)
     return DMDModule(t, generator, **{**args, **kw})
+
+
+# ---- DMD2 on images: fit, and two gloo ranks against one process
+def fit_images(module, tmp_path, max_steps, ckpt_path=None, callbacks=()):
+    trainer = Trainer(max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      default_root_dir=tmp_path, limit_val_batches=0, accelerator="cpu", callbacks=list(callbacks))
+    data = DMDDataModule(None, batch_size=4, real_images=RandomImages(), val_size=8, val_batch_size=8)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    return trainer
+
+
+class SaveGradients(Callback):
+    """Each rank writes the (all-reduced) gradients of its first `n` optimizer steps."""
+
+    def __init__(self, folder, n: int = 2):
+        self.folder, self.n, self.grads = folder, n, []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if len(self.grads) < self.n:
+            self.grads.append({k: p.grad.detach().clone() for k, p in pl_module.named_parameters() if p.grad is not None})
+        if len(self.grads) == self.n:
+            torch.save(self.grads, self.folder / f"grads-rank{trainer.global_rank}-of-{trainer.world_size}.pt")
+            self.n = -1
+
+
+def train_dmd2(tmp_path, devices: int, batch: int, strategy: str = "auto", steps: int = 2, make=None):
+    """DMD2 on a tiny UNet: GAN classifier, real-image stream, two-step generator with backward simulation (or the
+    module `make()` builds)."""
+    from conftest import RandomImages, dmd2
+
+    from dmd_lightning.data.stream import DMDDataModule
+
+    seed_everything(0)
+    module = make() if make is not None else dmd2(steps=(999, 499))
+    data = DMDDataModule(None, batch_size=batch, real_images=RandomImages(), val_size=8, val_batch_size=8)
+    trainer = Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps, logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                      limit_val_batches=0, default_root_dir=tmp_path, callbacks=[SaveGradients(tmp_path)])
+    trainer.fit(module, datamodule=data)
+
+
+def two_ranks_match_one_process(tmp_path, make=None) -> list[dict]:
+    """train_dmd2 on two gloo ranks with batch 2 each and in one process with batch 4: the same gradients; those of
+    the single process."""
+    train_dmd2(tmp_path, devices=2, batch=2, strategy="ddp_spawn_find_unused_parameters_true", make=make)
+    train_dmd2(tmp_path, devices=1, batch=4, make=make)
+    rank0, rank1, single = (torch.load(tmp_path / f"grads-{f}.pt", weights_only=True)
+                            for f in ("rank0-of-2", "rank1-of-2", "rank0-of-1"))
+    for step, (a, b, c) in enumerate(zip(rank0, rank1, single)):
+        assert sorted(a) == sorted(c) and a, step
+        for name in c:
+            torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=f"{name} at step {step}")
+            torch.testing.assert_close(a[name], c[name], rtol=1e-4, atol=1e-7, msg=f"{name} at step {step}")
+    return single
+
+
+# ---- the tiny Stable Diffusion pipeline, saved in diffusers' layout
+PROMPTS = ["a cat", "a red dog", "the sea at night", "two birds", "a tree", "blue sky"]
+MAX_LEN = 16
+
+
+def write_tokenizer(folder):
+    """A CLIPTokenizer over single letters (with and without the end-of-word mark)."""
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab.update({c: len(vocab) + i for i, c in enumerate(letters)})
+    vocab.update({c + "</w>": len(vocab) + i for i, c in enumerate(letters)})
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=MAX_LEN)
+    return tok, len(vocab)
+
+
+def write_real_images(folder, n: int = 5, size: int = 64):
+    """n random RGB images `i.png` of size x size, each with its caption `i.txt`; their captions."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(3)
+    captions = [f"real photo {chr(ord('a') + i)}" for i in range(n)]
+    for i, caption in enumerate(captions):
+        pixels = torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(caption + "\n")
+    return captions
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    """A tiny SD1.5-layout pipeline folder (unet, vae, text_encoder, tokenizer, scheduler), a TAESD folder and a
+    CLIP folder, all random."""
+    from diffusers import AutoencoderKL, AutoencoderTiny, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel
+
+    root = tmp_path_factory.mktemp("sd")
+    torch.manual_seed(0)
+    tok, vocab_size = write_tokenizer(root / "vocab")
+    tok.save_pretrained(root / "pipe" / "tokenizer")
+    text = dict(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=MAX_LEN, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    CLIPTextModel(CLIPTextConfig(**text)).save_pretrained(root / "pipe" / "text_encoder")
+    UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4,
+    ).save_pretrained(root / "pipe" / "unet")
+    AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                  block_out_channels=(4, 4, 4, 4), latent_channels=4, layers_per_block=1, norm_num_groups=2,
+                  sample_size=64, scaling_factor=0.18215).save_pretrained(root / "pipe" / "vae")
+    PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, skip_prk_steps=True,
+                  steps_offset=1, set_alpha_to_one=False).save_pretrained(root / "pipe" / "scheduler")
+    AutoencoderTiny(encoder_block_out_channels=(4,) * 4, decoder_block_out_channels=(4,) * 4,
+                    num_encoder_blocks=(1,) * 4, num_decoder_blocks=(1,) * 4).save_pretrained(root / "taesd")
+    vision = dict(image_size=32, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(root / "clip")
+    tok.save_pretrained(root / "clip")
+    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n\n")
+    return {"root": root, "pipe": str(root / "pipe"), "taesd": str(root / "taesd"), "clip": str(root / "clip"),
+            "prompts": str(root / "prompts.txt"), "cache": str(root / "cache")}
+
+
+@pytest.fixture(scope="module")
+def teacher(sd):
+    return SDDenoiser(sd["pipe"], embedding_cache=sd["cache"])
+
+
+@pytest.fixture(scope="module")
+def pairs(sd, teacher):
+    out = sd["root"] / "pairs"
+    dm = LatentPairGenerationDataModule(str(out), sd["prompts"], sd["pipe"], num_pairs=5, shard_size=3,
+                                        resolution=64, batch_size=2, seed=1, embedding_cache=sd["cache"])
+    trainer = DMDTrainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.pairs(TextPairGenerator(teacher, num_steps=3), dm)
+    return out
+
+
+def embed(sd, prompts):
+    return PromptEmbeddings(sd["pipe"], sd["cache"]).load(prompts).float()

@@ -90,7 +90,7 @@ def fit_config(tmp: Path) -> Path:
                     "callbacks": [{"class_path": "dmd_lightning.predict.SampleWriter",
                                    "init_args": {"out": str(tmp / "checkpoint.npz")}}]},
         "model": {"class_path": "dmd_lightning.DMDModule", "init_args": {
-            "teacher": unet, "regression_loss": None, "evaluator": None, "warmup_steps": 0, "generator_lr": 1e-2,
+            "teacher": unet, "regression_loss": None, "evaluator": None, "optim": {"warmup_steps": 0, "generator_lr": 1e-2},
             "generator": {"class_path": "dmd_lightning.generator.MultiStepGenerator",
                           "init_args": {"denoiser": unet, "timesteps": [999, 499]}}}},
         "data": {"class_path": "dmd_lightning.data.stream.DMDDataModule", "init_args": {

@@ -3,7 +3,7 @@ generator with backward simulation; which loss reaches which network; exact resu
 
 import pytest
 import torch
-from conftest import RandomImages, dmd2, teacher_v
+from conftest import dmd2, fit_images, teacher_v
 from lightning import Trainer
 
 from dmd_lightning import DMDModule
@@ -12,14 +12,6 @@ from dmd_lightning.data.stream import DMDDataModule
 from dmd_lightning.errors import ConfigError
 from dmd_lightning.gan import BottleneckClassifier, gan_classifier_loss, gan_generator_loss
 from dmd_lightning.generator import MultiStepGenerator
-
-
-def fit(module, tmp_path, max_steps, ckpt_path=None, callbacks=()):
-    trainer = Trainer(max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                      default_root_dir=tmp_path, limit_val_batches=0, accelerator="cpu", callbacks=list(callbacks))
-    data = DMDDataModule(None, batch_size=4, real_images=RandomImages(), val_size=8, val_batch_size=8)
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-    return trainer
 
 
 def test_classifier_reads_the_fake_scores_bottleneck_and_its_losses_are_non_saturating():
@@ -71,7 +63,7 @@ def test_each_loss_reaches_only_the_networks_it_should(tmp_path, monkeypatch):
         seen.append((name, sorted(terms)))
 
     monkeypatch.setattr(DMDModule, "_step", record)
-    fit(m, tmp_path, max_steps=3)  # iteration 1: generator + fake score; iteration 2: fake score only
+    fit_images(m, tmp_path, max_steps=3)  # iteration 1: generator + fake score; iteration 2: fake score only
     assert seen == [("generator", ["dm", "gan"]), ("fake_score", ["classifier", "denoising"]),
                     ("fake_score", ["classifier", "denoising"])]
 
@@ -106,14 +98,14 @@ def test_multi_step_generators_refuse_regression_and_bad_timesteps():
 def test_resume_with_the_gan_and_the_real_image_stream_continues_exactly(tmp_path, steps):
     torch.manual_seed(0)
     straight = dmd2(steps)
-    fit(straight, tmp_path / "a", max_steps=9)
+    fit_images(straight, tmp_path / "a", max_steps=9)
     torch.manual_seed(0)
     first = dmd2(steps)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "b", save_last=True, every_n_train_steps=100)
-    fit(first, tmp_path / "b", max_steps=4, callbacks=[ckpt])
+    fit_images(first, tmp_path / "b", max_steps=4, callbacks=[ckpt])
     torch.manual_seed(0)
     resumed = dmd2(steps)
-    fit(resumed, tmp_path / "b", max_steps=9, ckpt_path=str(tmp_path / "b" / "last.ckpt"))
+    fit_images(resumed, tmp_path / "b", max_steps=9, ckpt_path=str(tmp_path / "b" / "last.ckpt"))
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
 

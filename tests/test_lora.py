@@ -6,10 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import teacher_v, tiny_unet, toy_optim
-from test_ddp import two_ranks_match_one_process
-from test_gan import fit
-from test_sd import PROMPTS, embed, sd, teacher  # noqa: F401  (module fixtures: the tiny SD pipeline)
+from conftest import PROMPTS, embed, fit_images, teacher_v, tiny_unet, toy_optim, two_ranks_match_one_process
 
 from dmd_lightning import DMDModule, GANLoss, UNetDenoiser, VPSchedule
 from dmd_lightning.checkpoint import ModelCheckpoint
@@ -68,7 +65,7 @@ def test_a_lora_generator_trains_its_adapters_only(tmp_path):
     m = lora_dmd2()
     frozen = {k: v.clone() for k, v in m.teacher.unet.state_dict().items()}
     start = {k: v.clone() for k, v in m.state_dict().items()}
-    trainer = fit(m, tmp_path, max_steps=6)
+    trainer = fit_images(m, tmp_path, max_steps=6)
     for net in (m.generator.denoiser.unet, m.fake_score.unet, m.generator_ema.denoiser.unet):
         for k, v in base_weights(net).items():
             assert torch.equal(v, frozen[k]), k
@@ -84,24 +81,24 @@ def test_a_lora_generator_trains_its_adapters_only(tmp_path):
 def test_resume_continues_exactly_from_checkpoints_without_the_frozen_base(tmp_path):
     torch.manual_seed(0)
     straight = lora_dmd2()
-    fit(straight, tmp_path / "a", max_steps=9)
+    fit_images(straight, tmp_path / "a", max_steps=9)
     torch.manual_seed(0)
     first = lora_dmd2()
     ckpt = ModelCheckpoint(dirpath=tmp_path / "b", save_last=True, every_n_train_steps=100)
-    fit(first, tmp_path / "b", max_steps=4, callbacks=[ckpt])
+    fit_images(first, tmp_path / "b", max_steps=4, callbacks=[ckpt])
     saved = torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)["state_dict"]
     trained = [k for k in saved if k.startswith(("generator.", "generator_ema.", "fake_score."))]
     assert trained and all("lora_" in k for k in trained if k.endswith("weight") and "norm" not in k), trained[:3]
     torch.manual_seed(0)
     resumed = lora_dmd2()
-    fit(resumed, tmp_path / "b", max_steps=9, ckpt_path=str(tmp_path / "b" / "last.ckpt"))
+    fit_images(resumed, tmp_path / "b", max_steps=9, ckpt_path=str(tmp_path / "b" / "last.ckpt"))
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
 
 
 def test_the_adapters_alone_load_into_a_fresh_lora_denoiser(tmp_path):
     m = lora_dmd2(fake_lora=False)
-    fit(m, tmp_path, max_steps=3)
+    fit_images(m, tmp_path, max_steps=3)
     trained = m.generator.denoiser
     state = trained.lora_state_dict()
     assert state and all(".lora_A." in k or ".lora_B." in k for k in state)
@@ -125,7 +122,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     assert all(".lora_" in n for n in names if n.startswith(("generator.", "fake_score.")))
 
 
-def test_sd_export_writes_a_diffusers_lora_and_merged_weights(sd, teacher, tmp_path):  # noqa: F811
+def test_sd_export_writes_a_diffusers_lora_and_merged_weights(sd, teacher, tmp_path):
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     from dmd_lightning.cli import DMDTrainer
@@ -153,7 +150,7 @@ def test_sd_export_writes_a_diffusers_lora_and_merged_weights(sd, teacher, tmp_p
     assert "load_lora_weights" in (tmp_path / "export" / "README.md").read_text()
 
 
-def test_sd15_lora_config_fits_and_exports_with_the_tiny_pipeline(sd, tmp_path):  # noqa: F811
+def test_sd15_lora_config_fits_and_exports_with_the_tiny_pipeline(sd, tmp_path):
     """configs/sd15_lora.yaml as is, but for paths and sizes (the tiny pipeline stands in for the hub id)."""
     import yaml
 

@@ -233,6 +233,7 @@ def test_validation_logs_a_grid_of_the_samples_to_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from dmd_lightning.data.stream import DMDDataModule
+    from dmd_lightning.images import TeacherGrid
     from dmd_lightning.metrics.evaluation import Evaluator
 
     class Count(Evaluator):
@@ -247,16 +248,17 @@ def test_validation_logs_a_grid_of_the_samples_to_tensorboard(tmp_path):
 
     m = DMDModule(teacher_v(), regression_loss=None, evaluator=Count(), validate_raw=True,
                   optim=toy_optim(warmup_steps=0))
-    trainer = Trainer(max_steps=2, logger=TensorBoardLogger(tmp_path), enable_progress_bar=False,
+    trainer = Trainer(max_steps=4, logger=TensorBoardLogger(tmp_path), enable_progress_bar=False,
                       enable_model_summary=False, accelerator="cpu", val_check_interval=1, num_sanity_val_steps=0,
-                      enable_checkpointing=False)
+                      enable_checkpointing=False, callbacks=[TeacherGrid(num_steps=3)])
     trainer.fit(m, datamodule=DMDDataModule(None, batch_size=2, real_images=RandomImages(), val_size=12,
                                              val_batch_size=12))
     events = EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents*")).parent))
     events.Reload()
-    assert set(events.Tags()["images"]) == {"samples/ema", "samples/raw"}
+    assert set(events.Tags()["images"]) == {"samples/ema", "samples/raw", "samples/teacher"}
     image = events.Images("samples/ema")[-1]
     assert image.width == 8 * (16 + 2) + 2 and image.height == 2 * (16 + 2) + 2  # 12 samples of 16x16, 8 a row
+    assert len(events.Images("samples/ema")) == 2 and len(events.Images("samples/teacher")) == 1  # the teacher once
 
 
 def test_accumulated_micro_batches_make_the_update_of_one_batch_as_large(tmp_path):

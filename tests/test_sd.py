@@ -2,12 +2,11 @@
 prompt files and cached embeddings, latent pairs, DMD steps with decoded-LPIPS regression, text-to-image
 validation wiring, the diffusers export round trip, sd15.yaml end to end, and the offline error."""
 
-import json
 
 import numpy as np
 import pytest
 import torch
-from conftest import toy_optim
+from conftest import MAX_LEN, PROMPTS, embed, toy_optim, write_real_images
 
 from dmd_lightning import DMDModule, DMLoss, LPIPSLoss
 from dmd_lightning.cli import DMDTrainer, cli
@@ -16,98 +15,10 @@ from dmd_lightning.loading import WeightsNotFoundError
 from dmd_lightning.samplers import make_scheduler, sample_ode
 from dmd_lightning.sd.data import (
     LatentPairDataset,
-    LatentPairGenerationDataModule,
     SDDMDDataModule,
-    TextPairGenerator,
     read_prompts,
 )
 from dmd_lightning.sd.model import DecodedLPIPSLoss, PromptEmbeddings, SDDenoiser, decode_latents, load_vae
-
-PROMPTS = ["a cat", "a red dog", "the sea at night", "two birds", "a tree", "blue sky"]
-MAX_LEN = 16
-
-
-def write_tokenizer(folder):
-    """A CLIPTokenizer over single letters (with and without the end-of-word mark)."""
-    from transformers import CLIPTokenizer
-
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab.update({c: len(vocab) + i for i, c in enumerate(letters)})
-    vocab.update({c + "</w>": len(vocab) + i for i, c in enumerate(letters)})
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=MAX_LEN)
-    return tok, len(vocab)
-
-
-def write_real_images(folder, n: int = 5, size: int = 64):
-    """n random RGB images `i.png` of size x size, each with its caption `i.txt`; their captions."""
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(3)
-    captions = [f"real photo {chr(ord('a') + i)}" for i in range(n)]
-    for i, caption in enumerate(captions):
-        pixels = torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8).numpy()
-        Image.fromarray(pixels).save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(caption + "\n")
-    return captions
-
-
-@pytest.fixture(scope="module")
-def sd(tmp_path_factory):
-    """A tiny SD1.5-layout pipeline folder (unet, vae, text_encoder, tokenizer, scheduler), a TAESD folder and a
-    CLIP folder, all random."""
-    from diffusers import AutoencoderKL, AutoencoderTiny, PNDMScheduler, UNet2DConditionModel
-    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel
-
-    root = tmp_path_factory.mktemp("sd")
-    torch.manual_seed(0)
-    tok, vocab_size = write_tokenizer(root / "vocab")
-    tok.save_pretrained(root / "pipe" / "tokenizer")
-    text = dict(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                num_attention_heads=2, max_position_embeddings=MAX_LEN, bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    CLIPTextModel(CLIPTextConfig(**text)).save_pretrained(root / "pipe" / "text_encoder")
-    UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4,
-    ).save_pretrained(root / "pipe" / "unet")
-    AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                  block_out_channels=(4, 4, 4, 4), latent_channels=4, layers_per_block=1, norm_num_groups=2,
-                  sample_size=64, scaling_factor=0.18215).save_pretrained(root / "pipe" / "vae")
-    PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, skip_prk_steps=True,
-                  steps_offset=1, set_alpha_to_one=False).save_pretrained(root / "pipe" / "scheduler")
-    AutoencoderTiny(encoder_block_out_channels=(4,) * 4, decoder_block_out_channels=(4,) * 4,
-                    num_encoder_blocks=(1,) * 4, num_decoder_blocks=(1,) * 4).save_pretrained(root / "taesd")
-    vision = dict(image_size=32, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                  num_attention_heads=2)
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(root / "clip")
-    tok.save_pretrained(root / "clip")
-    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n\n")
-    return {"root": root, "pipe": str(root / "pipe"), "taesd": str(root / "taesd"), "clip": str(root / "clip"),
-            "prompts": str(root / "prompts.txt"), "cache": str(root / "cache")}
-
-
-@pytest.fixture(scope="module")
-def teacher(sd):
-    return SDDenoiser(sd["pipe"], embedding_cache=sd["cache"])
-
-
-@pytest.fixture(scope="module")
-def pairs(sd, teacher):
-    out = sd["root"] / "pairs"
-    dm = LatentPairGenerationDataModule(str(out), sd["prompts"], sd["pipe"], num_pairs=5, shard_size=3,
-                                        resolution=64, batch_size=2, seed=1, embedding_cache=sd["cache"])
-    trainer = DMDTrainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
-    trainer.pairs(TextPairGenerator(teacher, num_steps=3), dm)
-    return out
-
-
-def embed(sd, prompts):
-    return PromptEmbeddings(sd["pipe"], sd["cache"]).load(prompts).float()
 
 
 def test_missing_hub_id_is_one_clear_error():

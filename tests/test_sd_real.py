@@ -9,9 +9,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import toy_optim
+from conftest import MAX_LEN, embed, toy_optim, write_real_images
 from PIL import Image
-from test_sd import MAX_LEN, embed, sd, teacher, write_real_images
 
 from dmd_lightning import DMDModule, DMLoss, GANLoss
 from dmd_lightning.cli import DMDTrainer
@@ -19,8 +18,6 @@ from dmd_lightning.data.format import PairsError, shard_name
 from dmd_lightning.sd import real as real_module
 from dmd_lightning.sd.data import SDDMDDataModule
 from dmd_lightning.sd.real import RealLatents, parquet_items
-
-FIXTURES = (sd, teacher)  # test_sd.py's tiny pipeline and its teacher: pytest finds fixtures by name in this module
 
 
 def vae_latents(pipe, folder, n):

@@ -88,7 +88,9 @@ class DMDCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """Lightning's CLI reads a checkpoint's hyper-parameters into the config, so that a resumed run or an
         evaluation uses the settings it was trained with; here the file is read safely first (CheckpointError
-        naming it otherwise) and only the keys the configured model takes are copied."""
+        naming it otherwise) and only the keys the configured model takes are copied. An override of Lightning's
+        private method, kept on purpose: Lightning's own reads the whole checkpoint into memory for its
+        hyper-parameters (tens of GB at SD1.5 scale), this one memory-maps it."""
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not path or not os.path.isfile(path):

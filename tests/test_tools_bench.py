@@ -80,3 +80,19 @@ def test_lora_training_state_counts_adapters_gradients_and_adam_exactly():
     assert r["ratio"] == pytest.approx(sum(lora.values()) / sum(full.values()))
     sd15 = bench.bench_lora(bench.make_case("tiny-sd", quick=True))
     assert sd15["unet"] == "SD1.5 layout" and sd15["full"]["parameters"] > 3e9 and 0.25 < sd15["ratio"] < 0.4
+
+
+def test_compile_row_times_eager_and_compiled_iterations_and_reports_them():
+    """aot_eager: the graphs are captured (compile=True's path) without generating code, quick on a CPU."""
+    case = bench.make_case("tiny", quick=True)
+    r = bench.bench_compile(case, repeat=1, warmup=1, backend="aot_eager")
+    assert positive(r["eager_s"]) and positive(r["compiled_s"]) and r["ratio"] == r["compiled_s"] / r["eager_s"]
+    text = bench.markdown({"tiny": {"one_step": bench.bench_one_step(case, repeat=1, warmup=0),
+                                    "dmd_step": {"batch": "2 + 2", "passes_s": {"a": 0.1}, "sum_s": 0.1,
+                                                 "step_s": 0.1, "ratio": 1.0, "met": True},
+                                    "pairs": {"reference": "x", "sampler": "ddim", "batch": 2,
+                                              "project_images_per_s": 1.0, "reference_images_per_s": 1.0,
+                                              "ratio": 1.0, "met": True, "max_abs_diff": 0.0},
+                                    "memory": bench.bench_memory("tiny", quick=True),
+                                    "lora": bench.bench_lora(case, rank=2), "compile": r}}, bench.machine())
+    assert "6. A DMD iteration with the networks compiled" in text and "| aot_eager |" in text

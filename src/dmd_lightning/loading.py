@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
+# the dtype names configs use, for weights and stored tensors
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
 
 class WeightsNotFoundError(FileNotFoundError):
     """A model named by hub id or path could not be loaded (absent, offline, or not a diffusers folder)."""

@@ -37,9 +37,8 @@ from dmd_lightning.data.format import (
 )
 from dmd_lightning.denoisers import Denoiser
 from dmd_lightning.errors import check_int
+from dmd_lightning.loading import DTYPES
 from dmd_lightning.samplers import make_scheduler, sample_ode
-
-STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def teacher_identity(teacher: Denoiser) -> str:
@@ -165,8 +164,8 @@ class PairWriter(BasePredictionWriter):
 
     def __init__(self, out_dir: str, dtype: str = "float32"):
         super().__init__(write_interval="batch")
-        if dtype not in STORAGE_DTYPES:
-            raise ValueError(f"unknown storage dtype {dtype!r}; expected one of {sorted(STORAGE_DTYPES)}")
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown storage dtype {dtype!r}; expected one of {sorted(DTYPES)}")
         self.out_dir, self.dtype = Path(out_dir), dtype
         self.pending: dict[int, list[dict[str, Tensor]]] = {}
 
@@ -212,5 +211,5 @@ class PairWriter(BasePredictionWriter):
         parts = self.pending.pop(s)
         tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         for k in ("noise", "x"):
-            tensors[k] = tensors[k].to(STORAGE_DTYPES[self.dtype])
+            tensors[k] = tensors[k].to(DTYPES[self.dtype])
         write_shard(self.out_dir / shard_name(s), tensors, pl_module.settings)

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from dmd_lightning.errors import ConfigError
 from dmd_lightning.generator import OneStepGenerator
+from dmd_lightning.loading import DTYPES
 from dmd_lightning.lora import merged
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def generator_unet(generator: nn.Module) -> nn.Module:

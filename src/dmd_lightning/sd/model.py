@@ -15,10 +15,10 @@ import warnings
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
+from dmd_lightning.data.format import map_shard
 from dmd_lightning.denoisers import UNetDenoiser
 from dmd_lightning.errors import ConfigError
 from dmd_lightning.loading import WeightsNotFoundError, load_pretrained, scheduler_folder, unet_folder
@@ -49,14 +49,9 @@ def encode_prompts(tokenizer, text_encoder: nn.Module, prompts: list[str], batch
 
 
 def _mmap_safetensors(path: Path, key: str) -> Tensor:
-    """One tensor of a safetensors file as a read-only memory map: processes (DDP ranks) share the page cache
-    and only the rows indexed are read. Format: u64 header size, JSON header, raw little-endian data."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        info = json.loads(f.read(n))[key]
-    dtype = {"F16": np.float16, "F32": np.float32}[info["dtype"]]
-    start, _ = info["data_offsets"]
-    array = np.memmap(path, dtype=dtype, mode="r", offset=8 + n + start, shape=tuple(info["shape"]))
+    """One tensor of a safetensors file as a read-only memory map (data.format.map_shard): processes (DDP ranks)
+    share the page cache and only the rows indexed are read."""
+    array, _ = map_shard(path, (key,))[key]
     with warnings.catch_warnings():  # torch warns that the array is not writable; it is never written
         warnings.simplefilter("ignore")
         return torch.from_numpy(array)

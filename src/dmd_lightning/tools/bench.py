@@ -102,6 +102,23 @@ def dmd_module(case: Case, checkpointing: bool = False) -> DMDModule:
                      optim=Optimization(warmup_steps=1))
 
 
+def bench_compile(case: Case, repeat: int = 5, warmup: int = 2, backend: str = "inductor") -> dict:
+    """A Trainer-driven DMD iteration with the networks compiled (DMDModule(compile=True)) over the eager one, each
+    the median after `warmup` iterations (the compiled side's include compilation, reported as compile_s); below
+    1 is faster. Eager, compiled, eager again: the two eager medians bracket the compiled one against drift."""
+    batch, times = dmd_batch(case), {}
+    for side, compiled in (("eager", False), ("compiled", True), ("eager_again", False)):
+        module = dmd_module(case)
+        module.hparams.compile, module.hparams.compile_backend = compiled, backend
+        timer = StepTimer()
+        fit_steps(module, batch, warmup + repeat, [timer])
+        times[side] = timer.times
+    eager = median(times["eager"][warmup:] + times["eager_again"][warmup:])
+    compiled = median(times["compiled"][warmup:])
+    return {"batch": f"{case.batch} + {case.batch}", "backend": backend, "eager_s": eager, "compiled_s": compiled,
+            "compile_s": sum(times["compiled"][:warmup]) - warmup * compiled, "ratio": compiled / eager}
+
+
 def fit_steps(module: DMDModule, batch: dict, iterations: int, callbacks: list) -> None:
     """`iterations` DMD iterations (2 optimizer steps each) by Lightning's Trainer, as `dmd fit` runs them."""
     gpu = torch.cuda.is_available()
@@ -300,7 +317,7 @@ def run(names: list[str], quick: bool = False) -> dict:
         results[name] = {"one_step": bench_one_step(case, repeat, warmup),
                          "dmd_step": bench_dmd_step(case, 2 if quick else 9, 1 if quick else 2),
                          "pairs": bench_pairs(case, 1 if quick else 5, warmup), "memory": bench_memory(name, quick),
-                         "lora": bench_lora(case)}
+                         "lora": bench_lora(case), **({} if quick else {"compile": bench_compile(case)})}
         del case
     return results
 

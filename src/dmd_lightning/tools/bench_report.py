@@ -63,4 +63,10 @@ def markdown(results: dict, m: dict) -> str:
                    ["model", "UNet", "full", "LoRA", "rank", "LoRA / full"],
                    [[k, x["unet"], mib(sum(x["full"].values())), mib(sum(x["lora"].values())), x["rank"],
                      ratio(x["ratio"])] for k, x in ((k, v["lora"]) for k, v in r.items())])
+    compiled = [(k, v["compile"]) for k, v in r.items() if "compile" in v]
+    if compiled:
+        lines += table("6. A DMD iteration with the networks compiled (torch.compile) vs eager (below 1: faster)",
+                       ["model", "batch", "backend", "eager", "compiled", "compiled / eager", "compilation"],
+                       [[k, x["batch"], x["backend"], ms(x["eager_s"]), ms(x["compiled_s"]), ratio(x["ratio"]),
+                         f"{x['compile_s']:.0f} s"] for k, x in compiled])
     return "\n".join(lines) + "\n"

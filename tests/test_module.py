@@ -327,3 +327,30 @@ def test_a_signal_mid_accumulation_saves_at_the_update_boundary_and_resumes_exac
     fit(resumed, max_steps=8, tmp_path=tmp_path / "b", ckpt_path=str(tmp_path / "b" / "last.ckpt"))
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+
+
+def test_init_from_starts_from_another_runs_networks_with_fresh_optimizers(tmp_path):
+    """DMD2's second SD stage: the networks (generator, EMA, fake score) of a first run, nothing else of it."""
+    from lightning import Callback
+
+    from dmd_lightning.checkpoint import ModelCheckpoint
+    from dmd_lightning.errors import CheckpointError
+
+    first = toy_module()
+    fit(first, max_steps=6, tmp_path=tmp_path / "first", callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)])
+    trained = {k: v.clone() for k, v in first.state_dict().items() if k.startswith(("generator", "fake_score"))}
+
+    class AtStart(Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.state = {k: v.clone() for k, v in pl_module.state_dict().items() if k in trained}
+            self.iteration, self.adam = pl_module.iteration, len(pl_module.optimizers()[0].optimizer.state)
+
+    second, seen = toy_module(init_from=str(tmp_path / "last.ckpt")), AtStart()
+    fit(second, max_steps=2, tmp_path=tmp_path / "second", callbacks=[seen])
+    assert seen.iteration == 0 and seen.adam == 0 and set(seen.state) == set(trained)
+    for k, v in trained.items():
+        torch.testing.assert_close(seen.state[k], v, rtol=0, atol=0, msg=k)
+    other = DMDModule(GaussianMixtureDenoiser(VPSchedule()), MLPGenerator(hidden=16), MLPDenoiser(VPSchedule()),
+                      init_from=str(tmp_path / "last.ckpt"))
+    with pytest.raises(CheckpointError, match="not this model's"):
+        fit(other, max_steps=2, tmp_path=tmp_path / "other")

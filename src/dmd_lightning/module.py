@@ -10,6 +10,7 @@ import torch
 from lightning import LightningModule
 from torch import Tensor, nn
 
+from dmd_lightning.checkpoint import load_checkpoint_file
 from dmd_lightning.checks import (
     NonFinitePolicy,
     check_data,
@@ -76,6 +77,7 @@ class DMDModule(LightningModule):
         max_consecutive_skips: int = 20,
         compile: bool = False,
         compile_backend: str = "inductor",
+        init_from: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["teacher", "generator", "fake_score", "regression_loss", "evaluator"])
@@ -122,6 +124,23 @@ class DMDModule(LightningModule):
 
     def setup(self, stage: str) -> None:
         check_data(self.teacher, getattr(self.trainer, "datamodule", None), gan=self.classifier is not None)
+        if stage == "fit" and self.hparams.init_from:  # before Lightning restores a --ckpt_path, which wins
+            self.warm_start(self.hparams.init_from)
+
+    def warm_start(self, path: str) -> None:
+        """Start from the generator, its EMA and the fake score of another run's checkpoint (`init_from`), with
+        fresh optimizers, schedules, GAN classifier and update count: DMD2's second SD stage resumes the first's
+        networks this way, adding the GAN at a lower learning rate."""
+        trained = ("generator.", "generator_ema.", "fake_score.")
+        state = {k: v for k, v in load_checkpoint_file(path).get("state_dict", {}).items() if k.startswith(trained)}
+        own, frozen = self.state_dict(), set(self._untrained_keys())
+        missing = [k for k in own if k.startswith(trained) and k not in state and k not in frozen]
+        shapes = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+        if missing or shapes or any(k not in own for k in state):
+            raise CheckpointError(f"init_from {path}: its networks are not this model's (missing: {missing[:1]}, "
+                                  f"other shapes: {shapes[:1]}); use a checkpoint of the same teacher and generator")
+        self.load_state_dict(state, strict=False)
+        self._ema_tensors = None
 
     def configure_optimizers(self):
         o, ratio = self.optim, self.hparams.fake_updates_per_generator_update

@@ -89,12 +89,8 @@ class PretrainedUNetDenoiser(UNetDenoiser):
     def __init__(self, path: str | Path, gradient_checkpointing: bool = False):
         from diffusers import UNet2DModel
 
-        from dmd_lightning.loading import load_pretrained, scheduler_folder, unet_folder
+        from dmd_lightning.loading import load_unet
 
         root = str(path)
-        unet = load_pretrained(UNet2DModel, root, unet_folder(root))
-        schedule = load_pretrained(VPSchedule, root, scheduler_folder(root))
-        if gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        super().__init__(unet, schedule)
+        super().__init__(*load_unet(UNet2DModel, root, gradient_checkpointing))
         self.path = root

@@ -42,3 +42,23 @@ def load_pretrained(cls, root: str, subfolder: str | None = None, **kwargs):
             "Without network access, download the model elsewhere (e.g. `hf download <id> --local-dir DIR`), "
             "copy DIR here and pass its path instead of the hub id."
         ) from None
+
+
+def load_unet(cls, root: str, gradient_checkpointing: bool = False):
+    """(unet, schedule) of a diffusers pipeline folder, hub id or UNet folder (with its scheduler_config.json):
+    `cls` (UNet2DModel, UNet2DConditionModel) and the VPSchedule of its scheduler config."""
+    from dmd_lightning.schedule import VPSchedule
+
+    unet = load_pretrained(cls, root, unet_folder(root))
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    return unet, load_pretrained(VPSchedule, root, scheduler_folder(root))
+
+
+def load_weights(path: str) -> dict:
+    """A state dict from a .safetensors file, else from a torch file loaded with weights_only=True."""
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from dmd_lightning.denoisers import Denoiser, guided
 from dmd_lightning.errors import ConfigError
+from dmd_lightning.loading import load_weights
 from dmd_lightning.schedule import expand_like
 
 
@@ -167,12 +168,7 @@ class LPIPSLoss(nn.Module):
 
 def load_vgg_backbone(lpips_vgg: nn.Module, path: str) -> None:
     """Copy a torchvision VGG16 state dict ('features.N.weight', ...) into lpips' sliced VGG."""
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_weights(path)
     mapped = {}
     for name, _ in lpips_vgg.named_parameters():  # 'slice1.0.weight' <- 'features.0.weight'
         _, idx, kind = name.split(".")

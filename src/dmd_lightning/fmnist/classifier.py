@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dmd_lightning.loading import load_weights
+
 FEATURE_DIM = 256
 
 
@@ -104,12 +106,7 @@ def load_classifier(path: str | Path) -> FMNISTClassifier:
     path = str(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"classifier weights {path!r} not found; train one and save its state dict there")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_weights(path)
     net = FMNISTClassifier()
     net.load_state_dict(state)
     return net.requires_grad_(False).eval()

@@ -21,9 +21,8 @@ from torch import Tensor, nn
 from dmd_lightning.data.format import map_shard
 from dmd_lightning.denoisers import UNetDenoiser
 from dmd_lightning.errors import ConfigError
-from dmd_lightning.loading import WeightsNotFoundError, load_pretrained, scheduler_folder, unet_folder
+from dmd_lightning.loading import WeightsNotFoundError, load_pretrained, load_unet
 from dmd_lightning.losses import LPIPSLoss
-from dmd_lightning.schedule import VPSchedule
 
 
 def load_text_encoder(path: str):
@@ -108,10 +107,7 @@ class SDDenoiser(UNetDenoiser):
         from diffusers import UNet2DConditionModel
 
         root = str(path)
-        unet = load_pretrained(UNet2DConditionModel, root, unet_folder(root))
-        schedule = load_pretrained(VPSchedule, root, scheduler_folder(root))
-        if gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
+        unet, schedule = load_unet(UNet2DConditionModel, root, gradient_checkpointing)
         null = PromptEmbeddings(text_encoder or root, embedding_cache, dtype="float32").load([""])
         super().__init__(unet, schedule, null_embedding=null.clone())
         self.path = root

@@ -10,19 +10,15 @@ import torch
 from lightning import LightningModule
 from torch import Tensor, nn
 
-from dmd_lightning.checkpoint import load_checkpoint_file
 from dmd_lightning.checks import (
     NonFinitePolicy,
     check_data,
     check_dmd_arguments,
-    check_same_model,
-    is_finite_module,
     warn_error_gain,
 )
 from dmd_lightning.denoisers import Denoiser
 from dmd_lightning.ema import ema_tensors, ema_update, warmup_decay
-from dmd_lightning.errors import CheckpointError, ConfigError, NonFiniteError
-from dmd_lightning.frozen import drop_frozen, fill_frozen
+from dmd_lightning.errors import ConfigError
 from dmd_lightning.gan import BottleneckClassifier, GANLoss, gan_classifier_loss, gan_generator_loss
 from dmd_lightning.generator import OneStepGenerator
 from dmd_lightning.images import log_grid
@@ -30,9 +26,8 @@ from dmd_lightning.losses import DenoisingLoss, DMLoss
 from dmd_lightning.metrics.evaluation import Evaluator, Evaluators
 from dmd_lightning.optim import Optimization, adamw_with_schedule
 from dmd_lightning.perf import compile_networks
-from dmd_lightning.rng import GlobalNoise, rank_world, rng_states, set_rng_states
-
-FROZEN = ("teacher.", "regression_loss.", "evaluators.")  # state-dict prefixes left out of checkpoints
+from dmd_lightning.rng import GlobalNoise, rank_world, set_rng_states
+from dmd_lightning.state import load_state, save_state, warm_start
 
 
 class DMDModule(LightningModule):
@@ -125,22 +120,8 @@ class DMDModule(LightningModule):
     def setup(self, stage: str) -> None:
         check_data(self.teacher, getattr(self.trainer, "datamodule", None), gan=self.classifier is not None)
         if stage == "fit" and self.hparams.init_from:  # before Lightning restores a --ckpt_path, which wins
-            self.warm_start(self.hparams.init_from)
-
-    def warm_start(self, path: str) -> None:
-        """Start from the generator, its EMA and the fake score of another run's checkpoint (`init_from`), with
-        fresh optimizers, schedules, GAN classifier and update count: DMD2's second SD stage resumes the first's
-        networks this way, adding the GAN at a lower learning rate."""
-        trained = ("generator.", "generator_ema.", "fake_score.")
-        state = {k: v for k, v in load_checkpoint_file(path).get("state_dict", {}).items() if k.startswith(trained)}
-        own, frozen = self.state_dict(), set(self._untrained_keys())
-        missing = [k for k in own if k.startswith(trained) and k not in state and k not in frozen]
-        shapes = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
-        if missing or shapes or any(k not in own for k in state):
-            raise CheckpointError(f"init_from {path}: its networks are not this model's (missing: {missing[:1]}, "
-                                  f"other shapes: {shapes[:1]}); use a checkpoint of the same teacher and generator")
-        self.load_state_dict(state, strict=False)
-        self._ema_tensors = None
+            warm_start(self, self.hparams.init_from)
+            self._ema_tensors = None
 
     def configure_optimizers(self):
         o, ratio = self.optim, self.hparams.fake_updates_per_generator_update
@@ -318,29 +299,7 @@ class DMDModule(LightningModule):
 
     # ----------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        for name in ("generator", "fake_score", "generator_ema"):
-            if not is_finite_module(getattr(self, name)):
-                raise NonFiniteError(f"{name} has non-finite weights at iteration {self.iteration}; not saving")
-        drop_frozen(checkpoint["state_dict"], FROZEN)
-        for k in self._untrained_keys():  # a LoRA's frozen base: as the configured network loads it
-            checkpoint["state_dict"].pop(k, None)
-        checkpoint["dmd_iteration"] = self.iteration
-        checkpoint["dmd_rng"] = {"global": rng_states(), "noise": self.noise.state()}
-
-    def _untrained_keys(self) -> list[str]:
-        """State-dict keys of the trained networks' parameters that do not train (a LoRA's frozen base, and its
-        twin in the EMA): left out of checkpoints, at SD1.5 scale 3.4 GB per network."""
-        frozen = [k for k, p in self.generator.named_parameters() if not p.requires_grad]
-        return ([f"generator.{k}" for k in frozen] + [f"generator_ema.{k}" for k in frozen]
-                + [f"fake_score.{k}" for k, p in self.fake_score.named_parameters() if not p.requires_grad])
+        save_state(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-            raise CheckpointError("the checkpoint holds no 'state_dict': pass a checkpoint written by `dmd fit`")
-        own, state = self.state_dict(), fill_frozen(self, checkpoint["state_dict"], FROZEN)
-        for k in self._untrained_keys():
-            state.setdefault(k, own[k])
-        check_same_model(own, state)
-        self.iteration = int(checkpoint.get("dmd_iteration", 0))
-        rng = checkpoint.get("dmd_rng")
-        self._restored = rng if rng is not None and rng["noise"] is not None else None
+        self._restored = load_state(self, checkpoint)  # applied before the next training step

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from dmd_lightning.denoisers import Denoiser, guided
 from dmd_lightning.errors import ConfigError
+from dmd_lightning.frozen import EvalOnly
 from dmd_lightning.loading import load_weights
 from dmd_lightning.schedule import expand_like
 
@@ -130,7 +131,7 @@ class PseudoHuberLoss(nn.Module):
         return ((sq + c**2).sqrt() - c).mean()
 
 
-class LPIPSLoss(nn.Module):
+class LPIPSLoss(EvalOnly):
     """LPIPS (Zhang et al. 2018, VGG) on images in [-1, 1], resized to `resize` (224 in the DMD paper).
 
     The lpips package ships its linear heads; the VGG16 backbone comes from `backbone_weights`, a local
@@ -152,9 +153,6 @@ class LPIPSLoss(nn.Module):
             load_vgg_backbone(self.lpips.net, backbone_weights)
         self.lpips.requires_grad_(False).eval()
         self.resize = resize
-
-    def train(self, mode: bool = True):
-        return super().train(False)  # the metric network never leaves eval mode
 
     def forward(self, pred: Tensor, target: Tensor) -> Tensor:
         if pred.shape[1] == 1:  # grey images: LPIPS expects RGB

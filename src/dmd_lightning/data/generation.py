@@ -38,6 +38,7 @@ from dmd_lightning.data.format import (
 from dmd_lightning.denoisers import Denoiser
 from dmd_lightning.errors import check_int
 from dmd_lightning.loading import DTYPES
+from dmd_lightning.rng import rank_world
 from dmd_lightning.samplers import make_scheduler, sample_ode
 
 
@@ -128,9 +129,7 @@ class PairGenerationDataModule(LightningDataModule):
 
     def rank(self) -> tuple[int, int]:
         """(global_rank, world_size) of the attached trainer, (0, 1) without one."""
-        if self.trainer is None:
-            return 0, 1
-        return self.trainer.global_rank, self.trainer.world_size
+        return rank_world(self)
 
     def pending_shards(self) -> list[int]:
         """This rank's shards whose file is absent or fails to load or verify; one line says why for each file

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from dmd_lightning.data.format import PairDataset, PairsError
 from dmd_lightning.errors import ConfigError, check_int
+from dmd_lightning.rng import rank_world
 
 
 class GlobalBatchStream(IterableDataset):
@@ -46,8 +47,11 @@ class StreamDataModule(LightningDataModule):
     position: int = 0
 
     def stream_loader(self, make: Callable[[torch.Generator, int], dict[str, Tensor]], seed: int) -> DataLoader:
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
-        return DataLoader(GlobalBatchStream(make, seed, rank, world, lambda: self.position), batch_size=None)
+        """The stream of this rank's slices; pinned on a CUDA machine, so that Lightning's non-blocking copy to the
+        device overlaps the step in progress."""
+        rank, world = rank_world(self)
+        return DataLoader(GlobalBatchStream(make, seed, rank, world, lambda: self.position), batch_size=None,
+                          pin_memory=torch.cuda.is_available())
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if self.trainer is not None and self.trainer.training:

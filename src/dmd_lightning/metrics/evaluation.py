@@ -6,9 +6,12 @@ import copy
 
 from torch import Tensor, nn
 
+from dmd_lightning.frozen import EvalOnly
 
-class Evaluator(nn.Module):
-    """reset() at the start of validation, update() per batch, compute() -> {name: value} at its end."""
+
+class Evaluator(EvalOnly):
+    """reset() at the start of validation, update() per batch, compute() -> {name: value} at its end. Its networks
+    (feature extractors) stay in eval mode."""
 
     def reset(self) -> None:
         raise NotImplementedError

@@ -108,9 +108,6 @@ class TextToImageEvaluator(Evaluator):
         self.samples: list[Tensor] = []  # plain lists: they stay out of state_dict
         self.scores: list[Tensor] = []
 
-    def train(self, mode: bool = True):
-        return super().train(False)
-
     @property
     def reference_name(self) -> str:
         where = hashlib.sha256(os.path.abspath(self.reference_dir).encode()).hexdigest()[:8]

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from dmd_lightning.data.format import map_shard
 from dmd_lightning.denoisers import UNetDenoiser
 from dmd_lightning.errors import ConfigError
+from dmd_lightning.frozen import EvalOnly
 from dmd_lightning.loading import WeightsNotFoundError, load_pretrained, load_unet
 from dmd_lightning.losses import LPIPSLoss
 
@@ -152,7 +153,7 @@ def encode_images(vae: nn.Module, images: Tensor) -> Tensor:
     return (mean.float() - shift) * vae.config.scaling_factor
 
 
-class DecodedLPIPSLoss(nn.Module):
+class DecodedLPIPSLoss(EvalOnly):
     """Regression loss of DMD on latents (App. C): LPIPS between the images decoded from predicted and target
     latents (LPIPSLoss resizes them to 224). The decoder is frozen; gradients reach the predicted latents.
 
@@ -164,9 +165,6 @@ class DecodedLPIPSLoss(nn.Module):
         super().__init__()
         self.vae = load_vae(vae, decoder)
         self.lpips = lpips
-
-    def train(self, mode: bool = True):
-        return super().train(False)  # frozen networks stay in eval mode
 
     def forward(self, pred: Tensor, target: Tensor) -> Tensor:
         with torch.no_grad():

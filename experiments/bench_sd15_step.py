@@ -21,7 +21,7 @@ import torch
 from lightning import Callback, Trainer
 from torch.utils.data import DataLoader, IterableDataset
 
-from dmd_lightning import DMDModule, UNetDenoiser, VPSchedule
+from dmd_lightning import DMDModule, DMLoss, UNetDenoiser, VPSchedule
 from dmd_lightning.perf import Throughput, peak_flops
 from dmd_lightning.tools.bench_cases import SD15_UNET, TINY_SD_UNET
 
@@ -58,7 +58,7 @@ def measure(config: dict, batch: int, checkpointing: bool, iterations: int, warm
         unet.enable_gradient_checkpointing()
     schedule = VPSchedule(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     null = torch.zeros(1, 77, config["cross_attention_dim"])
-    module = DMDModule(UNetDenoiser(unet, schedule, null_embedding=null), guidance_scale=3.0, regression_loss=None,
+    module = DMDModule(UNetDenoiser(unet, schedule, null_embedding=null), dm_loss=DMLoss(guidance_scale=3.0), regression_loss=None,
                        compile=compile)
     timer, perf = StepTimer(), Throughput()
     gpu = torch.cuda.is_available()

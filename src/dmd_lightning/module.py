@@ -10,12 +10,7 @@ import torch
 from lightning import LightningModule
 from torch import Tensor, nn
 
-from dmd_lightning.checks import (
-    NonFinitePolicy,
-    check_data,
-    check_dmd_arguments,
-    warn_error_gain,
-)
+from dmd_lightning.checks import NonFinitePolicy, check_data, check_dmd_arguments, warn_error_gain
 from dmd_lightning.denoisers import Denoiser
 from dmd_lightning.ema import ema_tensors, ema_update, warmup_decay
 from dmd_lightning.errors import ConfigError

@@ -35,6 +35,22 @@ def tiny_unet(num_classes: int | None = 10, channels: int = 1, size: int = 16, p
     return unet, VPSchedule(prediction_type=prediction_type)
 
 
+def assert_same_weights(expected, got, rtol: float = 0.0, atol: float = 0.0):
+    """Two modules hold the same state dict, key by key (bit for bit by default)."""
+    a, b = expected.state_dict(), got.state_dict()
+    assert list(a) == list(b)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=rtol, atol=atol, msg=k)
+
+
+def assert_same_gradients(expected: list[dict], got: list[dict], rtol: float = 1e-4, atol: float = 1e-6):
+    """Per optimizer step, the same parameters received the same gradients."""
+    for step, (a, b) in enumerate(zip(expected, got)):
+        assert sorted(a) == sorted(b) and a, step
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=rtol, atol=atol, msg=f"{name} at step {step}")
+
+
 def toy_module(optim: dict | None = None, **kw):
     """DMDModule on the 2-D toy with small MLPs: a training step in milliseconds. optim: Optimization's
     arguments over the toy's (lr 1e-3, 2 warm-up steps)."""

@@ -3,7 +3,7 @@ generator with backward simulation; which loss reaches which network; exact resu
 
 import pytest
 import torch
-from conftest import dmd2, fit_images, teacher_v
+from conftest import assert_same_weights, dmd2, fit_images, teacher_v
 from lightning import Trainer
 
 from dmd_lightning import DMDModule
@@ -106,8 +106,7 @@ def test_resume_with_the_gan_and_the_real_image_stream_continues_exactly(tmp_pat
     torch.manual_seed(0)
     resumed = dmd2(steps)
     fit_images(resumed, tmp_path / "b", max_steps=9, ckpt_path=str(tmp_path / "b" / "last.ckpt"))
-    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+    assert_same_weights(straight, resumed)
 
 
 def test_the_gan_without_real_images_is_refused(tmp_path):

@@ -6,7 +6,16 @@ import copy
 
 import pytest
 import torch
-from conftest import PROMPTS, embed, fit_images, teacher_v, tiny_unet, toy_optim, two_ranks_match_one_process
+from conftest import (
+    PROMPTS,
+    assert_same_weights,
+    embed,
+    fit_images,
+    teacher_v,
+    tiny_unet,
+    toy_optim,
+    two_ranks_match_one_process,
+)
 
 from dmd_lightning import DMDModule, GANLoss, UNetDenoiser, VPSchedule
 from dmd_lightning.checkpoint import ModelCheckpoint
@@ -92,8 +101,7 @@ def test_resume_continues_exactly_from_checkpoints_without_the_frozen_base(tmp_p
     torch.manual_seed(0)
     resumed = lora_dmd2()
     fit_images(resumed, tmp_path / "b", max_steps=9, ckpt_path=str(tmp_path / "b" / "last.ckpt"))
-    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+    assert_same_weights(straight, resumed)
 
 
 def test_the_adapters_alone_load_into_a_fresh_lora_denoiser(tmp_path):

@@ -3,7 +3,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import fit, tiny_unet, toy_module, toy_optim
+from conftest import assert_same_weights, fit, tiny_unet, toy_module, toy_optim
 from lightning import Trainer
 from torch import nn
 
@@ -325,8 +325,7 @@ def test_a_signal_mid_accumulation_saves_at_the_update_boundary_and_resumes_exac
     assert torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)["dmd_iteration"] == 6
     resumed = module()
     fit(resumed, max_steps=8, tmp_path=tmp_path / "b", ckpt_path=str(tmp_path / "b" / "last.ckpt"))
-    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+    assert_same_weights(straight, resumed)
 
 
 def test_init_from_starts_from_another_runs_networks_with_fresh_optimizers(tmp_path):

@@ -1,7 +1,7 @@
 """FLOPs counting, the Throughput callback's figures, and compiled training steps equal to eager ones."""
 
 import torch
-from conftest import RandomImages, teacher_v, toy_optim
+from conftest import RandomImages, assert_same_gradients, teacher_v, toy_optim
 from lightning import Callback, Trainer
 from lightning.pytorch.loggers import CSVLogger
 
@@ -62,10 +62,7 @@ def test_compiled_networks_give_the_eager_losses_and_gradients(tmp_path):
     m = module(compile=True, compile_backend="aot_eager")
     fit(m, tmp_path / "compiled", max_steps=2, callbacks=[compiled])
     assert m._compiled and list(m.state_dict()) == list(module().state_dict())  # keys unchanged by compiling
-    for step, (a, b) in enumerate(zip(eager.grads, compiled.grads)):
-        assert sorted(a) == sorted(b) and a, step
-        for name in a:
-            torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=f"{name} at step {step}")
+    assert_same_gradients(eager.grads, compiled.grads)
 
 
 def test_channels_last_and_tf32_give_the_default_gradients(tmp_path):
@@ -80,7 +77,4 @@ def test_channels_last_and_tf32_give_the_default_gradients(tmp_path):
         torch.set_float32_matmul_precision("highest")
     convs = [p for p in m.generator.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] > 1]
     assert convs and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in convs)
-    for step, (a, b) in enumerate(zip(default.grads, fast.grads)):
-        assert sorted(a) == sorted(b) and a, step
-        for name in a:
-            torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=f"{name} at step {step}")
+    assert_same_gradients(default.grads, fast.grads)

@@ -49,7 +49,6 @@ def main(argv: list[str] | None = None) -> dict:
     backend = "aot_eager" if a.tiny else "inductor"  # aot_eager: the graphs without code generation
     rows = {}
     for name, (overrides, fast_math) in VARIANTS.items():
-        torch.set_float32_matmul_precision("highest")  # each variant starts from the defaults
         run = cli(["--config", "configs/fmnist.yaml", "--data.init_args.pairs_dir", a.pairs,
                    "--data.init_args.expect", json.dumps(expect), "--trainer.max_steps", str(2 * a.iterations),
                    "--trainer.limit_val_batches", "0", "--trainer.logger", "false",

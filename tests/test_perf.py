@@ -71,10 +71,8 @@ def test_channels_last_and_tf32_give_the_default_gradients(tmp_path):
     default, fast = FirstGradients(), FirstGradients()
     fit(module(), tmp_path / "default", max_steps=2, callbacks=[default])
     m = module()
-    try:
-        fit(m, tmp_path / "fast", max_steps=2, callbacks=[fast, FastMath(tf32=True, channels_last=True)])
-    finally:
-        torch.set_float32_matmul_precision("highest")
+    fit(m, tmp_path / "fast", max_steps=2, callbacks=[fast, FastMath(tf32=True, channels_last=True)])
+    assert torch.get_float32_matmul_precision() == "highest"  # the process-wide setting restored at the end
     convs = [p for p in m.generator.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] > 1]
     assert convs and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in convs)
     assert_same_gradients(default.grads, fast.grads)

@@ -100,8 +100,13 @@ class FastMath(Callback):
         self.tf32, self.channels_last = tf32, channels_last
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        self._before = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
         if self.tf32:
             torch.set_float32_matmul_precision("high")
             torch.backends.cudnn.allow_tf32 = True
         if self.channels_last:
             pl_module.to(memory_format=torch.channels_last)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        torch.set_float32_matmul_precision(self._before[0])  # process-wide settings: as they were
+        torch.backends.cudnn.allow_tf32 = self._before[1]

@@ -94,12 +94,13 @@ def dmd_batch(case: Case) -> dict:
     return {**batch, **({"cond": cond, "pair_cond": pair_cond} if cond is not None else {})}
 
 
-def dmd_module(case: Case, checkpointing: bool = False) -> DMDModule:
+def dmd_module(case: Case, checkpointing: bool = False, compile_backend: str | None = None) -> DMDModule:
     teacher = copy.deepcopy(case.teacher)
     if checkpointing:  # the generator and the fake score are copies of the teacher: they inherit it
         teacher.unet.enable_gradient_checkpointing()
     return DMDModule(teacher, dm_loss=DMLoss(guidance_scale=case.guidance), regression_loss=L2Loss(),
-                     optim=Optimization(warmup_steps=1))
+                     optim=Optimization(warmup_steps=1), compile=compile_backend is not None,
+                     compile_backend=compile_backend or "inductor")
 
 
 def bench_compile(case: Case, repeat: int = 5, warmup: int = 2, backend: str = "inductor") -> dict:
@@ -108,8 +109,7 @@ def bench_compile(case: Case, repeat: int = 5, warmup: int = 2, backend: str = "
     1 is faster. Eager, compiled, eager again: the two eager medians bracket the compiled one against drift."""
     batch, times = dmd_batch(case), {}
     for side, compiled in (("eager", False), ("compiled", True), ("eager_again", False)):
-        module = dmd_module(case)
-        module.hparams.compile, module.hparams.compile_backend = compiled, backend
+        module = dmd_module(case, compile_backend=backend if compiled else None)
         timer = StepTimer()
         fit_steps(module, batch, warmup + repeat, [timer])
         times[side] = timer.times

@@ -142,8 +142,10 @@ class DMDModule(LightningModule):
         update, self._micro = divmod(self.iteration, self.optim.accumulate)  # updates before, micro-batch of this
         generator_turn = update % self.hparams.fake_updates_per_generator_update == 0
         last = self._micro == self.optim.accumulate - 1
-        if self.optim.accumulate > 1:  # every micro-batch draws the whole update's numbers and keeps its part
-            self.noise.mark() if self._micro == 0 else self.noise.rewind()
+        if self.optim.accumulate > 1 and self._micro == 0:  # each micro-batch draws the whole update's numbers
+            self.noise.mark()
+        elif self.optim.accumulate > 1:  # and keeps its part
+            self.noise.rewind()
         self.iteration += 1
 
         # No toggle_optimizer: each backward reaches one network by construction (the DM loss runs both denoisers
@@ -224,7 +226,7 @@ class DMDModule(LightningModule):
 
     def _step(self, opt, sched, net: nn.Module, loss: Tensor, terms: dict, last: bool) -> None:
         """Backward of this micro-batch's share; on an update's last micro-batch clip, check, step. DDP reduces the
-        gradients once, in the last micro-batch's backward. Logs every term and the gradient norm."""
+        gradients once, in the last micro-batch's backward. Logs the last micro-batch's terms and the gradient norm."""
         name = "generator" if net is self.generator else "fake_score"
         blocked = getattr(self.trainer.strategy, "block_backward_sync", nullcontext) if not last else nullcontext
         with blocked():

@@ -92,6 +92,16 @@ class MultiStepGenerator(OneStepGenerator):
         return self.step(self.simulate(z, k, cond, generator), k, cond)
 
 
+@torch.no_grad()
+def sample(generator: nn.Module, z: Tensor, cond=None, seed: int = 0) -> Tensor:
+    """The generator's samples from noise z: K network evaluations, the fresh noise between steps drawn from `seed`
+    (so validations, `dmd predict` and an exported folder give the same images); a generator without steps (the
+    toy's MLP) is called directly."""
+    if not hasattr(generator, "simulate"):
+        return generator(z, cond)
+    return generator(z, cond, torch.Generator(device=z.device).manual_seed(seed))
+
+
 def error_gain(schedule: VPSchedule, t: int) -> float:
     """How much an error in the network's output grows in the x0 estimate at timestep t (1 for x0/v at t=T)."""
     alpha, sigma = (float(v) for v in schedule.alpha_sigma(torch.tensor([t])))

@@ -15,7 +15,7 @@ from dmd_lightning.denoisers import Denoiser
 from dmd_lightning.ema import ema_tensors, ema_update, warmup_decay
 from dmd_lightning.errors import ConfigError
 from dmd_lightning.gan import BottleneckClassifier, GANLoss, gan_classifier_loss, gan_generator_loss
-from dmd_lightning.generator import OneStepGenerator
+from dmd_lightning.generator import OneStepGenerator, sample
 from dmd_lightning.images import log_grid
 from dmd_lightning.losses import DenoisingLoss, DMLoss
 from dmd_lightning.metrics.evaluation import Evaluator, Evaluators
@@ -269,10 +269,7 @@ class DMDModule(LightningModule):
     def sample(self, z: Tensor, cond=None, ema: bool = True, seed: int = 0) -> Tensor:
         """K network evaluations per sample (K = 1: one), by the EMA generator unless ema=False; the fresh noise
         between steps comes from `seed`, so that validations and `dmd predict` are repeatable."""
-        net = self.generator_ema if ema else self.generator
-        if not hasattr(net, "simulate"):
-            return net(z, cond)
-        return net(z, cond, torch.Generator(device=z.device).manual_seed(seed))
+        return sample(self.generator_ema if ema else self.generator, z, cond, seed)
 
     def on_validation_epoch_start(self) -> None:
         self.evaluators.reset()

@@ -11,6 +11,7 @@ fake-score-only ones of the two time-scale rule, averaged as the rule mixes them
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 from lightning import Callback
@@ -19,6 +20,23 @@ from torch.utils.flop_counter import FlopCounterMode
 
 PRECISION_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16,
                     "16-true": torch.float16, "32-true": torch.float32, "32": torch.float32}
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def median_time(fn: Callable[[], object], repeat: int, warmup: int = 1) -> float:
+    """Median wall time of fn() over `repeat` runs after `warmup` runs (CUDA synchronized)."""
+    times = []
+    for i in range(warmup + repeat):
+        torch.cuda.synchronize() if torch.cuda.is_available() else None
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize() if torch.cuda.is_available() else None
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return median(times)
 
 
 def compile_networks(nets, backend: str = "inductor") -> None:

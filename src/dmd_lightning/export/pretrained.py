@@ -12,7 +12,7 @@ from lightning import LightningModule
 
 from dmd_lightning.denoisers import UNetDenoiser
 from dmd_lightning.export.pixel import INFO, size_pair
-from dmd_lightning.generator import MultiStepGenerator, OneStepGenerator
+from dmd_lightning.generator import MultiStepGenerator, OneStepGenerator, sample
 from dmd_lightning.loading import WeightsNotFoundError, load_pretrained
 from dmd_lightning.schedule import VPSchedule
 
@@ -54,6 +54,4 @@ class ExportedGenerator(LightningModule):
 
     @torch.no_grad()
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        z = batch["z"]
-        seed = torch.Generator(device=z.device).manual_seed(batch_idx)  # DMDModule.sample's rule
-        return {"x": self.generator(z, batch.get("cond"), seed), **batch}
+        return {"x": sample(self.generator, batch["z"], batch.get("cond"), seed=batch_idx), **batch}  # as DMDModule

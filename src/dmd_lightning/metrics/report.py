@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import torch
 from lightning import Callback
 
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from dmd_lightning.perf import median_time
 
 
 class ValidationReport(Callback):
@@ -40,12 +36,9 @@ class ValidationReport(Callback):
         if self.first is None or not hasattr(pl_module, "sample"):
             return None
         z = self.first["z"]
-        sync(z.device)
-        start = time.perf_counter()
         with trainer.precision_plugin.forward_context():  # as validation ran it (autocast under bf16-mixed)
-            pl_module.sample(z, self.first.get("cond"))
-        sync(z.device)
-        return (time.perf_counter() - start) / len(z)
+            seconds = median_time(lambda: pl_module.sample(z, self.first.get("cond")), repeat=1, warmup=0)
+        return seconds / len(z)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         generator = getattr(pl_module, "generator_ema", None)

@@ -4,7 +4,6 @@ SD1.5's layout, a tiny UNet2DModel) and medians of wall time and network-evaluat
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -13,6 +12,7 @@ from torch import Tensor
 
 from dmd_lightning.denoisers import Denoiser, PretrainedUNetDenoiser, UNetDenoiser
 from dmd_lightning.optim import make_adamw
+from dmd_lightning.perf import median, median_time
 from dmd_lightning.schedule import VPSchedule
 
 SD15_UNET = dict(  # runwayml/stable-diffusion-v1-5 unet/config.json
@@ -92,23 +92,6 @@ def make_case(name: str, quick: bool = False) -> Case:
         batch = (2 if quick else 4) if name == "tiny-sd" else 4
         return Case(name, teacher, lambda n: torch.randn(n, 77, dim, device=dev), batch, "pndm", 50, 3.0)
     raise ValueError(f"unknown case {name!r}")
-
-
-def median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
-
-
-def median_time(fn: Callable[[], object], repeat: int, warmup: int = 1) -> float:
-    """Median wall time of fn() over `repeat` runs after `warmup` runs (CUDA synchronized)."""
-    times = []
-    for i in range(warmup + repeat):
-        torch.cuda.synchronize() if torch.cuda.is_available() else None
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize() if torch.cuda.is_available() else None
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return median(times)
 
 
 def interleaved_medians(fns: list[Callable[[], object]], repeat: int, warmup: int = 1) -> list[float]:

@@ -21,8 +21,8 @@ from dmd_lightning.data.format import PairDataset
 from dmd_lightning.fmnist.fid import FIDEvaluator
 from dmd_lightning.generator import OneStepGenerator
 from dmd_lightning.images import to_uint8
+from dmd_lightning.perf import median_time
 from dmd_lightning.samplers import make_scheduler, sample_ode
-from dmd_lightning.tools.bench_cases import median
 
 # name: (overrides, optimizer steps per iteration), so that every variant gets the same generator updates
 VARIANTS = {
@@ -30,21 +30,6 @@ VARIANTS = {
     "w/o distribution matching (regression only)": (["--model.init_args.dm_loss.weight", "0"], 1),
     "w/o regression loss": (["--model.init_args.regression_loss", "null"], 2),
 }
-
-
-def timed(fn, *args, repeat: int = 3):
-    """Median wall time of fn(*args) after one warm-up, and its last result."""
-    out = fn(*args)
-    times = []
-    for _ in range(repeat):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = fn(*args)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return median(times), out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -122,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
         return sample_ode(teacher, b["z"], make_scheduler(a.sampler, teacher.schedule.config), a.steps, b.get("cond"))
 
     b0 = {k: v[:100] for k, v in batches[0].items()}  # timing batch: 100 images, same noise for both
-    t_teacher, _ = timed(teacher_sample, b0, repeat=1)
+    t_teacher = median_time(lambda: teacher_sample(b0), repeat=1)
     t_gen = model.generator.timestep  # the generator's initialization: the teacher at its timestep
     teacher_one_step = OneStepGenerator(teacher, t_gen)
     with torch.no_grad():
@@ -132,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
         m = r.model.to(device).eval()
         with torch.no_grad():
             x = torch.cat([m.sample(b["z"], b.get("cond")) for b in batches])
-        t_student, _ = timed(lambda b: m.sample(b["z"], b.get("cond")), b0)
+        t_student = median_time(lambda: m.sample(b0["z"], b0.get("cond")), repeat=3)
         table[f"student: {name}"] = {**fid_of(x), "nfe": 1, **results[name]}
     n = len(b0["z"])
     table["timing"] = {"teacher_s_per_image": t_teacher / n, "student_s_per_image": t_student / n,

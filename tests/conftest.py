@@ -51,6 +51,14 @@ def assert_same_gradients(expected: list[dict], got: list[dict], rtol: float = 1
             torch.testing.assert_close(b[name], a[name], rtol=rtol, atol=atol, msg=f"{name} at step {step}")
 
 
+def quiet_trainer(tmp_path, max_steps: int, **kw) -> DMDTrainer:
+    """`dmd`'s Trainer on the CPU for a few steps: no logger, checkpoints, progress bar or validation; metrics logged
+    at every step."""
+    return DMDTrainer(accelerator="cpu", max_steps=max_steps, logger=False, log_every_n_steps=1,
+                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                      limit_val_batches=0, default_root_dir=tmp_path, **kw)
+
+
 def toy_module(optim: dict | None = None, **kw):
     """DMDModule on the 2-D toy with small MLPs: a training step in milliseconds. optim: Optimization's
     arguments over the toy's (lr 1e-3, 2 warm-up steps)."""

@@ -6,7 +6,7 @@ validation wiring, the diffusers export round trip, sd15.yaml end to end, and th
 import numpy as np
 import pytest
 import torch
-from conftest import MAX_LEN, PROMPTS, embed, toy_optim, write_real_images
+from conftest import MAX_LEN, PROMPTS, embed, quiet_trainer, toy_optim, write_real_images
 
 from dmd_lightning import DMDModule, DMLoss, LPIPSLoss
 from dmd_lightning.cli import DMDTrainer, cli
@@ -97,9 +97,7 @@ def test_dmd_fit_steps_with_decoded_lpips(sd, teacher, pairs, tmp_path):
     dm = SDDMDDataModule(str(pairs), sd["prompts"], sd["pipe"], embedding_cache=sd["cache"], batch_size=2,
                          pair_batch_size=2, expect={"teacher": sd["pipe"], "guidance_scale": 3.0})
     g0 = [p.detach().clone() for p in module.generator.parameters()]
-    trainer = DMDTrainer(accelerator="cpu", max_steps=4, logger=False, log_every_n_steps=1, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
-                         default_root_dir=tmp_path)
+    trainer = quiet_trainer(tmp_path, max_steps=4)
     trainer.fit(module, datamodule=dm)
     assert module.iteration == 2 and torch.isfinite(trainer.callback_metrics["generator/loss_regression"])
     assert any(not torch.equal(a, b) for a, b in zip(g0, module.generator.parameters()))

@@ -9,11 +9,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import MAX_LEN, embed, toy_optim, write_real_images
+from conftest import MAX_LEN, embed, quiet_trainer, toy_optim, write_real_images
 from PIL import Image
 
 from dmd_lightning import DMDModule, DMLoss, GANLoss
-from dmd_lightning.cli import DMDTrainer
 from dmd_lightning.data.format import PairsError, shard_name
 from dmd_lightning.sd import real as real_module
 from dmd_lightning.sd.data import SDDMDDataModule
@@ -139,9 +138,7 @@ def test_dmd2_fit_with_the_gan_on_real_latents(sd, teacher, tmp_path):
     module = DMDModule(teacher, regression_loss=None, gan=GANLoss(generator_weight=1e-3, classifier_weight=1e-2),
                        dm_loss=DMLoss(guidance_scale=1.75), optim=toy_optim(warmup_steps=0))
     head = [p.detach().clone() for p in module.classifier.parameters()]
-    trainer = DMDTrainer(accelerator="cpu", max_steps=4, logger=False, log_every_n_steps=1, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
-                         default_root_dir=tmp_path)
+    trainer = quiet_trainer(tmp_path, max_steps=4)
     trainer.fit(module, datamodule=dm)
     metrics = trainer.callback_metrics
     assert module.iteration == 2 and dm.state_dict() == {"position": 2}

@@ -89,6 +89,11 @@ def is_finite_module(net: nn.Module) -> bool:
     return all(bool(torch.isfinite(p.detach()).all()) for p in net.parameters())
 
 
+def size_pair(sample_size) -> tuple[int, int]:
+    """A diffusers UNet config's sample_size (an int or [H, W]) as (H, W)."""
+    return tuple(sample_size) if isinstance(sample_size, (list, tuple)) else (sample_size, sample_size)
+
+
 def check_sample_shape(teacher: Denoiser, shape: tuple[int, ...]) -> None:
     """ShapeMismatchError naming both shapes when data of `shape` (C, H, W) cannot go through a UNet teacher.
 
@@ -98,8 +103,7 @@ def check_sample_shape(teacher: Denoiser, shape: tuple[int, ...]) -> None:
     config = getattr(unet, "config", None)
     if config is None or "in_channels" not in config:
         return
-    size = config.get("sample_size")
-    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+    size = size_pair(config.get("sample_size"))
     want = (config["in_channels"], *size)
     text = getattr(teacher, "text_conditional", False)
     factor = 2 ** (len(config.get("block_out_channels", [0])) - 1)

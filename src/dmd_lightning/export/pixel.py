@@ -18,6 +18,7 @@ from pathlib import Path
 
 from torch import nn
 
+from dmd_lightning.checks import size_pair
 from dmd_lightning.export import step_scheduler, unet_copy
 
 INFO = "generator.json"
@@ -58,7 +59,3 @@ def export_pixel_pipeline(generator: nn.Module, out_dir: str | Path, dtype: str 
         "without them the pipeline draws random ones, the null label included. Stock diffusers classes "
         "(ConsistencyModelPipeline, LCMScheduler); no classifier-free guidance, the UNet is the generator.\n")
     return out
-
-
-def size_pair(sample_size) -> tuple[int, int]:
-    return tuple(sample_size) if isinstance(sample_size, (list, tuple)) else (sample_size, sample_size)

@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 from lightning import LightningModule
 
+from dmd_lightning.checks import size_pair
 from dmd_lightning.denoisers import UNetDenoiser
-from dmd_lightning.export.pixel import INFO, size_pair
+from dmd_lightning.export.pixel import INFO
 from dmd_lightning.generator import MultiStepGenerator, OneStepGenerator, sample
 from dmd_lightning.loading import WeightsNotFoundError, load_pretrained
 from dmd_lightning.schedule import VPSchedule

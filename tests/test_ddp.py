@@ -7,6 +7,7 @@ from lightning import Callback, Trainer, seed_everything
 
 from dmd_lightning import DMDModule, L2Loss, VPSchedule
 from dmd_lightning.toy2d.mixture import GaussianMixtureDenoiser, MLPDenoiser, MLPGenerator, ToyDataModule
+from dmd_lightning.update import NonFinite
 
 
 class SaveParameters(Callback):
@@ -20,12 +21,21 @@ class SaveParameters(Callback):
         torch.save(state, self.folder / f"rank{trainer.global_rank}-of-{trainer.world_size}.pt")
 
 
-def train(tmp_path, devices: int, batch: int, strategy: str = "auto", steps: int = 9, accumulate: int = 1):
+class InfOnRankOne(L2Loss):
+    """An infinite regression term on rank 1 only, with a finite gradient: only the loss check can see it."""
+
+    def forward(self, pred, target):
+        return super().forward(pred, target) + (float("inf") if torch.distributed.get_rank() == 1 else 0.0)
+
+
+def train(tmp_path, devices: int, batch: int, strategy: str = "auto", steps: int = 9, accumulate: int = 1,
+          regression_loss=None, nonfinite=NonFinite()):
     seed_everything(0)
     schedule = VPSchedule()
     module = DMDModule(GaussianMixtureDenoiser(schedule), MLPGenerator(hidden=32), MLPDenoiser(schedule, hidden=32),
-                       regression_loss=L2Loss(), optim=toy_optim(generator_lr=1e-2, fake_lr=1e-2, accumulate=accumulate),
-                       fake_updates_per_generator_update=2, ema_decay=0.5)
+                       regression_loss=regression_loss or L2Loss(),
+                       optim=toy_optim(generator_lr=1e-2, fake_lr=1e-2, accumulate=accumulate),
+                       fake_updates_per_generator_update=2, ema_decay=0.5, nonfinite=nonfinite)
     data = ToyDataModule(batch_size=batch, pair_batch_size=batch // 2, num_pairs=64, sampler_steps=10)
     trainer = Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps, logger=False,
                       enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
@@ -48,6 +58,19 @@ def test_two_gloo_ranks_match_one_process_with_the_global_batch(tmp_path, accumu
     moved = [n for n in single if n.startswith(("generator.", "fake_score.", "generator_ema."))
              and not torch.equal(single[n], start.state_dict()[n])]
     assert any(n.startswith("generator.") for n in moved) and any(n.startswith("fake_score.") for n in moved)
+
+
+@pytest.mark.parametrize("check", ["update", "logging"])
+def test_a_non_finite_term_on_one_rank_skips_the_update_on_both(tmp_path, check):
+    train(tmp_path, devices=2, batch=16, strategy="ddp_spawn_find_unused_parameters_true", steps=6,
+          regression_loss=InfOnRankOne(), nonfinite=NonFinite(check=check))
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}-of-2.pt", weights_only=True) for r in (0, 1))
+    seed_everything(0)
+    start = MLPGenerator(hidden=32).state_dict()
+    for name in rank0:
+        torch.testing.assert_close(rank0[name], rank1[name], rtol=0, atol=0, msg=name)
+    for name, value in start.items():  # every generator update skipped, on both ranks
+        torch.testing.assert_close(rank0[f"generator.{name}"], value, rtol=0, atol=0, msg=name)
 
 
 def test_two_gloo_ranks_match_one_process_with_the_gan_and_real_images(tmp_path):

@@ -108,7 +108,7 @@ def test_non_finite_weights_are_never_checkpointed_through_dmd_fit(tmp_path):
 
 
 def test_non_finite_weights_stop_a_skipping_run(tmp_path):
-    m = toy_module(on_nonfinite="skip")
+    m = toy_module()
     with torch.no_grad():
         next(m.generator.parameters()).view(-1)[0] = float("inf")
     with pytest.raises(NonFiniteError, match=r"generator update at iteration 1 \(global step 0\): the generator's "
@@ -148,7 +148,8 @@ USER_ERRORS = [
     ("negative warm-up", [TOY, M + "optim.warmup_steps", "-1"], ["warmup_steps=-1"]),
     ("min lr ratio above 1", [TOY, M + "optim.min_lr_ratio", "2"], ["min_lr_ratio=2"]),
     ("no micro-batches", [TOY, M + "optim.accumulate", "0"], ["accumulate=0"]),
-    ("unknown non-finite policy", [TOY, M + "on_nonfinite", "ignore"], ["on_nonfinite='ignore'"]),
+    ("unknown non-finite policy", [TOY, M + "nonfinite.action", "ignore"], ["nonfinite.action='ignore'"]),
+    ("unknown non-finite check", [TOY, M + "nonfinite.check", "never"], ["nonfinite.check='never'"]),
     ("zero batch", [TOY, D + "batch_size", "0"], ["batch_size=0"]),
     ("negative pair batch", [TOY, D + "pair_batch_size", "-4"], ["pair_batch_size=-4"]),
     ("no pairs", [TOY, D + "num_pairs", "0"], ["num_pairs=0"]),
@@ -162,7 +163,7 @@ USER_ERRORS = [
     ("all updates non-finite", [TOY, M + "optim.generator_lr", "1e30", M + "optim.fake_lr", "1e30", M + "optim.gradient_clip", "1e30",
                                 "--trainer.max_steps", "200", "--trainer.logger", "false",
                                 "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", "{tmp}",
-                                D + "num_pairs", "64", D + "sampler_steps", "4"], ["max_consecutive_skips"]),
+                                D + "num_pairs", "64", D + "sampler_steps", "4"], ["nonfinite.max_consecutive"]),
     ("missing pairs", [FMNIST, D + "pairs_dir", "{tmp}/no-pairs"], ["no-pairs", "dmd pairs"]),
     ("labels beyond the teacher's classes", [FMNIST, D + "pairs_dir", "{tmp}/pairs", D + "num_classes", "11",
                                              D + "expect", "null"], ["num_classes=11", "null label"]),

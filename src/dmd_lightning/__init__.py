@@ -15,6 +15,7 @@ from dmd_lightning.losses import (
 from dmd_lightning.module import DMDModule
 from dmd_lightning.optim import Optimization
 from dmd_lightning.schedule import VPSchedule
+from dmd_lightning.update import NonFinite
 
 __all__ = [
     "DMDModule",
@@ -24,6 +25,7 @@ __all__ = [
     "GANLoss",
     "L2Loss",
     "LPIPSLoss",
+    "NonFinite",
     "OneStepGenerator",
     "Optimization",
     "PretrainedUNetDenoiser",

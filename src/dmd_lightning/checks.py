@@ -11,7 +11,6 @@ from dmd_lightning.denoisers import Denoiser
 from dmd_lightning.errors import (
     CheckpointError,
     ConfigError,
-    NonFiniteError,
     ShapeMismatchError,
     check,
     check_choice,
@@ -45,8 +44,9 @@ def check_dmd_arguments(hp) -> None:
     check_number("min_lr_ratio", optim["min_lr_ratio"], 0.0, 1.0)
     check_int("accumulate", optim["accumulate"])
     check_number("ema_decay", hp.ema_decay, 0.0, 1.0)
-    check_choice("on_nonfinite", hp.on_nonfinite, ("skip", "stop"))
-    check_int("max_consecutive_skips", hp.max_consecutive_skips)
+    check_choice("nonfinite.action", hp.nonfinite["action"], ("skip", "stop"))
+    check_int("nonfinite.max_consecutive", hp.nonfinite["max_consecutive"])
+    check_choice("nonfinite.check", hp.nonfinite["check"], ("update", "logging"))
     if hp.gan is not None:
         check_number("gan.generator_weight", hp.gan["generator_weight"], 0.0)
         check_number("gan.classifier_weight", hp.gan["classifier_weight"], 0.0)
@@ -126,28 +126,3 @@ def warn_error_gain(schedule: VPSchedule, t_range: tuple[float, float]) -> None:
                       f"{schedule.prediction_type} differences by {gain:.0f}: the fake score's fitting noise can "
                       "dominate the gradient. Consider a lower t_range upper bound (0.5 on the linear DDPM schedule).",
                       stacklevel=3)
-
-
-class NonFinitePolicy:
-    """What a non-finite loss or gradient does: `skip` the update (until `max_consecutive` in a row, since skipped
-    updates do not count towards max_steps) or `stop`. A network whose weights are already non-finite stops
-    at once: every later update would be skipped too."""
-
-    def __init__(self, on_nonfinite: str = "skip", max_consecutive: int = 20):
-        self.on_nonfinite, self.max_consecutive, self.skips = on_nonfinite, max_consecutive, 0
-
-    def skip(self, bad: list[str], where: str, net: nn.Module, name: str = "network") -> bool:
-        """Whether to skip this update (bad: the non-finite terms); NonFiniteError to stop."""
-        if not bad:
-            self.skips = 0
-            return False
-        msg = f"non-finite {', '.join(bad)} in the {where}"
-        if self.on_nonfinite == "stop":
-            raise NonFiniteError(msg)
-        if not is_finite_module(net):
-            raise NonFiniteError(f"{msg}: the {name}'s weights are non-finite, skipping cannot recover")
-        self.skips += 1
-        if self.skips >= self.max_consecutive:
-            raise NonFiniteError(f"{msg}: {self.skips} consecutive updates skipped (max_consecutive_skips); "
-                                 "lower the learning rates or check the data")
-        return True

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import copy
-from contextlib import nullcontext
 from dataclasses import asdict
 
 import torch
 from lightning import LightningModule
 from torch import Tensor, nn
 
-from dmd_lightning.checks import NonFinitePolicy, check_data, check_dmd_arguments, warn_error_gain
+from dmd_lightning.checks import check_data, check_dmd_arguments, warn_error_gain
 from dmd_lightning.denoisers import Denoiser
 from dmd_lightning.ema import ema_tensors, ema_update, warmup_decay
 from dmd_lightning.errors import ConfigError
@@ -23,6 +22,7 @@ from dmd_lightning.optim import Optimization, adamw_with_schedule
 from dmd_lightning.perf import compile_networks
 from dmd_lightning.rng import GlobalNoise, rank_world, set_rng_states
 from dmd_lightning.state import load_state, save_state, warm_start
+from dmd_lightning.update import GuardedUpdate, NonFinite
 
 
 class DMDModule(LightningModule):
@@ -38,8 +38,7 @@ class DMDModule(LightningModule):
     whose x0-prediction is well conditioned there (docs/teacher.md), or a MultiStepGenerator (DMD2 Sec. 4.5).
     Its EMA warms up (update n uses min(ema_decay, (1 + n) / (10 + n))) unless `ema_warmup=False`. Validation
     scores the EMA generator (`val/...`) and, with `validate_raw`, the raw one (`val/raw/...`). A non-finite
-    loss or gradient skips the update (`on_nonfinite="skip"`) or stops; after `max_consecutive_skips` in a row
-    training stops.
+    loss or gradient skips the update or stops training, as `nonfinite` says (update.py).
 
     The losses' t and eps come from the module's own generator, drawn for the global batch of all ranks (and
     micro-batches), each keeping its part: a DDP run matches one process with the global batch, and N
@@ -63,15 +62,14 @@ class DMDModule(LightningModule):
         ema_warmup: bool = True,
         evaluator: Evaluator | None = None,
         validate_raw: bool = False,
-        on_nonfinite: str = "skip",
-        max_consecutive_skips: int = 20,
+        nonfinite: NonFinite = NonFinite(),
         compile: bool = False,
         compile_backend: str = "inductor",
         init_from: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["teacher", "generator", "fake_score", "regression_loss", "evaluator"])
-        configured = {"dm_loss": dm_loss, "fake_loss": fake_loss, "gan": gan, "optim": optim}
+        configured = {"dm_loss": dm_loss, "fake_loss": fake_loss, "gan": gan, "optim": optim, "nonfinite": nonfinite}
         self.hparams.update({k: asdict(v) for k, v in configured.items() if v is not None})  # plain, safe to load
         check_dmd_arguments(self.hparams)
         self.dm_loss, self.fake_loss, self.gan, self.optim = dm_loss, fake_loss, gan, optim
@@ -93,9 +91,8 @@ class DMDModule(LightningModule):
         self.evaluators = Evaluators(evaluator, raw=validate_raw)
         self.iteration = 0  # training batches done; with accumulate and the ratio they give the update phase
         self.noise = GlobalNoise()  # the losses' t and eps
-        self.nonfinite = NonFinitePolicy(on_nonfinite, max_consecutive_skips)
+        self.updates = {name: GuardedUpdate(name, nonfinite) for name in ("generator", "fake_score")}
         self._micro = 0  # micro-batch of the update in progress
-        self._bad: dict[str, set[str]] = {"generator": set(), "fake_score": set()}  # non-finite terms this update
         self._restored: dict | None = None  # RNG states from a checkpoint, applied before the next step
         self._ema_tensors: tuple | None = None
 
@@ -225,38 +222,18 @@ class DMDModule(LightningModule):
                    else self.hparams.ema_decay)
 
     def _step(self, opt, sched, net: nn.Module, loss: Tensor, terms: dict, last: bool) -> None:
-        """Backward of this micro-batch's share; on an update's last micro-batch clip, check, step. DDP reduces the
-        gradients once, in the last micro-batch's backward. Logs the last micro-batch's terms and the gradient norm."""
-        name = "generator" if net is self.generator else "fake_score"
-        blocked = getattr(self.trainer.strategy, "block_backward_sync", nullcontext) if not last else nullcontext
-        with blocked():
-            self.manual_backward(loss / self.optim.accumulate)
-        self._bad[name].update(k for k, v in terms.items() if not torch.isfinite(v))
-        if not last:
-            return
-        # the optimizer's own list: walking the network's modules costs more than a small network's update
-        params = [p for group in opt.optimizer.param_groups for p in group["params"] if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.optim.gradient_clip)
-        bad, self._bad[name] = sorted(self._bad[name]) + ([] if torch.isfinite(grad_norm) else ["gradient"]), set()
-        # every rank must take the same decision, or the replicas drift apart
-        if self.trainer.strategy.reduce_boolean_decision(bool(bad), all=False) and not bad:
-            bad.append("loss or gradient on another rank")
-        if self._logs_now:
-            for k, v in terms.items():
-                self.log(f"{name}/loss_{k}", v, on_step=True, prog_bar=True)
-            self.log(f"{name}/grad_norm", grad_norm, on_step=True)
-            self.log(f"{name}/lr", sched.get_last_lr()[0], on_step=True)
-        where = f"{name} update at iteration {self.iteration} (global step {self.global_step})"
-        if self.nonfinite.skip(bad, where, net, name):
-            self.print(f"warning: non-finite {', '.join(bad)} in the {where}; update skipped")
-            self.log(f"{name}/skipped", 1.0, on_step=True)
-        else:
-            opt.step()
-            sched.step()
-        opt.zero_grad(set_to_none=True)
+        """Backward of this micro-batch's share; on an update's last micro-batch clip, guard, step (update.py)."""
+        update = self.updates["generator" if net is self.generator else "fake_score"]
+        update.backward(self, loss, terms, last)
+        if last:
+            update.step(self, opt, sched, net, terms, self._logs_now)
 
     def on_train_start(self) -> None:
         self._ema_tensors = None  # a device move since the last fit replaces buffers
+
+    def on_train_end(self) -> None:
+        for name, update in self.updates.items():  # check="logging": skips since the last logging step
+            update.report(self, getattr(self, name), "end of training", log=False)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if self._restored is not None:  # here, not in on_load_checkpoint: loader set-up still draws numbers

@@ -1,0 +1,128 @@
+"""One network's update under manual optimization: the backward of each micro-batch's share of the loss, then, on
+an update's last micro-batch, gradient clipping, the non-finite guard and the optimizer step.
+
+The guard reads its verdict (is a loss term or the gradient non-finite?) on the host after every update
+(`check="update"`), a device synchronisation per update, or leaves it on the device (`check="logging"`): the fused
+AdamW then skips a bad update by itself (the `found_inf` tensor torch.amp.GradScaler hands fused optimizers), and
+the host reads how many were skipped only on logging steps.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from dmd_lightning.checks import is_finite_module
+from dmd_lightning.errors import NonFiniteError
+
+
+@dataclass(frozen=True)
+class NonFinite:
+    """What a non-finite loss term or gradient does to an update: `action="skip"` leaves the weights and the
+    optimizer's state as they were (training stops after `max_consecutive` skips in a row, or at once if the
+    network's weights are non-finite: every later update would be skipped too); `action="stop"` stops training.
+    `check="update"` decides on the host after each update (a skipped update does not count towards max_steps);
+    `check="logging"` skips on the device without synchronising and reports (and stops) at the next logging step
+    (a skipped update then still counts as a step and advances the lr schedule)."""
+
+    action: str = "skip"
+    max_consecutive: int = 20
+    check: str = "update"
+
+
+class GuardedUpdate:
+    """Backward, clipping, non-finite guard and step of the network `name` ("generator" or "fake_score")."""
+
+    def __init__(self, name: str, policy: NonFinite):
+        self.name, self.policy = name, policy
+        self.skips = 0  # consecutive skipped updates, as the host last knew
+        self._bad: dict[str, Tensor] = {}  # per loss term: non-finite in the update in progress (device bools)
+        self._pending: dict[str, Tensor] = {}  # check="logging": per term, skipped updates since the last read
+
+    def backward(self, module, loss: Tensor, terms: dict[str, Tensor], last: bool) -> None:
+        """This micro-batch's share of the update; DDP reduces the gradients once, in the last one's backward."""
+        blocked = getattr(module.trainer.strategy, "block_backward_sync", nullcontext) if not last else nullcontext
+        with blocked():
+            module.manual_backward(loss / module.optim.accumulate)
+        for k, v in terms.items():
+            bad = ~torch.isfinite(v.detach())
+            self._bad[k] = self._bad[k] | bad if k in self._bad else bad
+
+    def step(self, module, opt, sched, net: nn.Module, terms: dict[str, Tensor], logs: bool) -> None:
+        """Clip, guard and step (the update's last micro-batch); logs the terms, gradient norm and lr when `logs`."""
+        # the optimizer's own list: walking the network's modules costs more than a small network's update
+        params = [p for group in opt.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, module.optim.gradient_clip)
+        flags = {**self._bad, "gradient": ~torch.isfinite(grad_norm)}
+        self._bad = {}
+        if logs:
+            for k, v in terms.items():
+                module.log(f"{self.name}/loss_{k}", v, on_step=True, prog_bar=True)
+            module.log(f"{self.name}/grad_norm", grad_norm, on_step=True)
+            module.log(f"{self.name}/lr", sched.get_last_lr()[0], on_step=True)
+        where = f"{self.name} update at iteration {module.iteration} (global step {module.global_step})"
+        if self.policy.check == "update" or not opt.optimizer.param_groups[0].get("fused"):
+            bad = [k for k, v in flags.items() if v]  # host synchronisation
+            # every rank must take the same decision, or the replicas drift apart
+            if module.trainer.strategy.reduce_boolean_decision(bool(bad), all=False) and not bad:
+                bad.append("loss or gradient on another rank")
+            if self._skip(bad, where, net):
+                module.print(f"warning: non-finite {', '.join(bad)} in the {where}; update skipped")
+                module.log(f"{self.name}/skipped", 1.0, on_step=True)
+            else:
+                opt.step()
+                sched.step()
+        else:
+            found_inf = torch.stack(list(flags.values())).any().float()
+            if module.trainer.world_size > 1:  # the same decision on every rank, without a host synchronisation
+                found_inf = module.trainer.strategy.reduce(found_inf, reduce_op="max")
+            opt.optimizer.found_inf = found_inf  # the fused kernel leaves weights, moments and step count alone
+            try:
+                opt.step()
+            finally:
+                del opt.optimizer.found_inf
+            sched.step()
+            for k, v in flags.items():
+                self._pending[k] = self._pending.get(k, 0) + v
+            self._pending["any"] = self._pending.get("any", 0) + found_inf
+            self._pending["run"] = (self._pending.get("run", 0) + found_inf) * found_inf  # consecutive, on device
+            if logs:
+                self.report(module, net, where)
+        opt.zero_grad(set_to_none=True)
+
+    def report(self, module, net: nn.Module, where: str, log: bool = True) -> None:
+        """check="logging": the skips since the last report, read on the host; NonFiniteError per the policy."""
+        if not self._pending:
+            return
+        counts = dict(zip(self._pending, torch.stack([v.float() for v in self._pending.values()]).tolist()))
+        self._pending = {}
+        skipped, run = int(counts.pop("any")), int(counts.pop("run"))
+        if log:
+            module.log(f"{self.name}/skipped", float(skipped), on_step=True)
+        if not skipped:
+            self.skips = 0
+            return
+        bad = [k for k, n in counts.items() if n] or ["loss or gradient on another rank"]
+        where = f"{skipped} {self.name} update(s) up to the {where}"
+        module.print(f"warning: non-finite {', '.join(bad)} in {where}; skipped on the device")
+        self.skips = run
+        self._skip(bad, where, net, count=False)
+
+    def _skip(self, bad: list[str], where: str, net: nn.Module, count: bool = True) -> bool:
+        """Whether to skip an update with the non-finite terms `bad`; NonFiniteError to stop."""
+        if not bad:
+            self.skips = 0
+            return False
+        msg = f"non-finite {', '.join(bad)} in the {where}"
+        if self.policy.action == "stop":
+            raise NonFiniteError(msg)
+        if not is_finite_module(net):
+            raise NonFiniteError(f"{msg}: the {self.name}'s weights are non-finite, skipping cannot recover")
+        self.skips += count
+        if self.skips >= self.policy.max_consecutive:
+            raise NonFiniteError(f"{msg}: {self.skips} consecutive updates skipped (nonfinite.max_consecutive); "
+                                 "lower the learning rates or check the data")
+        return True

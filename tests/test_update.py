@@ -1,0 +1,129 @@
+import pytest
+import torch
+from conftest import assert_same_weights, fit, toy_module, toy_optim
+from torch import nn
+
+from dmd_lightning import DMDModule, VPSchedule
+from dmd_lightning.errors import NonFiniteError
+from dmd_lightning.toy2d.mixture import GaussianMixtureDenoiser, MLPDenoiser, MLPGenerator
+from dmd_lightning.update import NonFinite
+
+CHECKS = ["update", "logging"]
+
+
+class NaNLoss(nn.Module):
+    def forward(self, pred, target):
+        return (pred - target).pow(2).mean() * float("nan")
+
+
+class NaNWhenTraining(MLPDenoiser):
+    """A fake score whose output is NaN only when it is being trained (with grad), not inside the DM loss."""
+
+    def forward(self, x_t, t, cond=None):
+        out = super().forward(x_t, t, cond)
+        return out * float("nan") if torch.is_grad_enabled() else out
+
+
+def adam_state(module, index: int) -> list[torch.Tensor]:
+    return [v for s in module.optimizers()[index].optimizer.state.values() for v in s.values()]
+
+
+@pytest.mark.parametrize("check", CHECKS)
+def test_non_finite_generator_loss_is_skipped_or_stops(tmp_path, check):
+    m = toy_module(nonfinite=NonFinite(check=check))
+    m.regression_loss = NaNLoss()
+    g0 = [p.detach().clone() for p in m.generator.parameters()]
+    fit(m, max_steps=4, tmp_path=tmp_path, log_every_n_steps=2)
+    assert all(torch.equal(a, b) for a, b in zip(g0, m.generator.parameters()))
+    # skipped on the device too: Adam's moments and step count untouched
+    assert all(not v.any() for v in adam_state(m, 0)), adam_state(m, 0)
+    m = toy_module(nonfinite=NonFinite(action="stop", check=check))
+    m.regression_loss = NaNLoss()
+    where = "generator update at iteration 1" if check == "update" else "2 generator update.* up to the generator update at iteration 2"
+    with pytest.raises(NonFiniteError, match=f"regression.*{where}"):
+        fit(m, max_steps=4, tmp_path=tmp_path, log_every_n_steps=2)
+
+
+@pytest.mark.parametrize("check", CHECKS)
+def test_non_finite_fake_score_loss_is_skipped_or_stops(tmp_path, check):
+    def module(action):
+        schedule = VPSchedule()
+        return DMDModule(GaussianMixtureDenoiser(schedule), MLPGenerator(hidden=32),
+                         NaNWhenTraining(schedule, hidden=32), optim=toy_optim(),
+                         nonfinite=NonFinite(action=action, check=check))
+
+    m = module("skip")
+    f0 = [p.detach().clone() for p in m.fake_score.parameters()]
+    g0 = [p.detach().clone() for p in m.generator.parameters()]
+    fit(m, max_steps=4, tmp_path=tmp_path, log_every_n_steps=2)
+    assert all(torch.equal(a, b) for a, b in zip(f0, m.fake_score.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(g0, m.generator.parameters()))  # the generator still trains
+    where = (r"in the fake_score update at iteration 1 \(global step 1\)" if check == "update"
+             else "in the 2 fake_score update.* up to the end of training")  # 4 steps, all counted: 2 iterations, none logged
+    with pytest.raises(NonFiniteError, match=f"denoising, gradient {where}"):
+        fit(module("stop"), max_steps=4, tmp_path=tmp_path, log_every_n_steps=3)
+
+
+def test_too_many_skips_stop_at_a_logging_step(tmp_path):
+    m = toy_module(nonfinite=NonFinite(check="logging", max_consecutive=3))
+    m.regression_loss = NaNLoss()
+    with pytest.raises(NonFiniteError, match="4 consecutive updates skipped"):
+        fit(m, max_steps=40, tmp_path=tmp_path, log_every_n_steps=4)
+    assert m.iteration == 4  # read at the first logging step, after 4 skipped updates (3 were enough)
+
+
+def test_non_finite_weights_stop_a_skipping_run(tmp_path):
+    m = toy_module()
+    with torch.no_grad():
+        next(m.generator.parameters()).view(-1)[0] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"generator update at iteration 1 \(global step 0\): the generator's "
+                                             "weights are non-finite"):
+        fit(m, max_steps=4, tmp_path=tmp_path)
+
+
+def test_checks_train_alike_when_all_is_finite(tmp_path):
+    runs = []
+    for check in CHECKS:
+        torch.manual_seed(0)
+        m = toy_module(nonfinite=NonFinite(check=check))
+        fit(m, max_steps=6, tmp_path=tmp_path / check, log_every_n_steps=2)
+        runs.append(m)
+    assert_same_weights(runs[0], runs[1], rtol=0, atol=0)
+
+
+def record_host_reads(module) -> list[tuple[int, bool]]:
+    """Per training step: (iteration, whether a tensor's value was read on the host, a device synchronisation)."""
+    methods, steps, step = ("__bool__", "item", "tolist", "__float__", "__int__", "__index__"), [], module.training_step
+
+    def training_step(batch, batch_idx):
+        read, saved = [], {k: getattr(torch.Tensor, k) for k in methods}
+
+        def recording(name):
+            def method(t, *args):
+                read.append(name)
+                return saved[name](t, *args)
+            return method
+
+        for k in methods:
+            setattr(torch.Tensor, k, recording(k))
+        try:
+            step(batch, batch_idx)
+        finally:
+            for k, v in saved.items():
+                setattr(torch.Tensor, k, v)
+        steps.append((module.iteration, bool(read)))
+
+    module.training_step = training_step
+    return steps
+
+
+@pytest.mark.parametrize("check", CHECKS)
+def test_logging_check_reads_nothing_between_logging_steps(tmp_path, check):
+    m = toy_module(nonfinite=NonFinite(check=check))
+    steps = record_host_reads(m)
+    fit(m, max_steps=12, tmp_path=tmp_path, log_every_n_steps=3)
+    assert len(steps) == 6
+    if check == "update":  # the control: a verdict read after every update
+        assert all(read for _, read in steps), steps
+    else:
+        assert all(read == (iteration % 3 == 0) for iteration, read in steps), steps

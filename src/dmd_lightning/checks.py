@@ -52,6 +52,13 @@ def check_dmd_arguments(hp) -> None:
         check_number("gan.classifier_weight", hp.gan["classifier_weight"], 0.0)
 
 
+def check_regression(generator: nn.Module, regression_loss: nn.Module | None, weight: float) -> None:
+    """ConfigError for a regression loss on a multi-step generator: its pairs map noise to a sample in one step."""
+    if len(getattr(generator, "timesteps", (0,))) > 1 and regression_loss is not None and weight > 0:
+        raise ConfigError("the regression loss needs a one-step generator (its pairs map noise to a sample); "
+                          "set regression_loss: null for a multi-step generator")
+
+
 def check_same_model(own: dict, state: dict) -> None:
     """CheckpointError, before Lightning's strict load, when a checkpoint's weights are not this model's."""
     missing = [k for k in own if k not in state]

@@ -34,3 +34,21 @@ def warmup_decay(decay: float, n: int) -> float:
     """The decay of the (n+1)-th update: min(decay, (1 + n) / (10 + n)). Early averages follow the model
     instead of holding on to its initialization, which would otherwise weigh decay**n in the EMA for long."""
     return min(decay, (1 + n) / (10 + n))
+
+
+class EMA:
+    """Keeps the network `ema` the moving average of `model`: `update(n)` after the model's (n+1)-th update, with
+    warmup_decay(decay, n) (or `decay` without `warmup`). The tensor lists are built on first use and dropped by
+    `reset()`, which a device move needs (it replaces buffers)."""
+
+    def __init__(self, ema: nn.Module, model: nn.Module, decay: float, warmup: bool = True):
+        self.ema, self.model, self.decay, self.warmup = ema, model, decay, warmup
+        self._tensors: tuple | None = None
+
+    def update(self, n: int) -> None:
+        if self._tensors is None:
+            self._tensors = ema_tensors(self.ema, self.model)
+        ema_update(self._tensors, warmup_decay(self.decay, n) if self.warmup else self.decay)
+
+    def reset(self) -> None:
+        self._tensors = None

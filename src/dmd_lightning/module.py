@@ -9,16 +9,15 @@ import torch
 from lightning import LightningModule
 from torch import Tensor, nn
 
-from dmd_lightning.checks import check_data, check_dmd_arguments, warn_error_gain
+from dmd_lightning.checks import check_data, check_dmd_arguments, check_regression, warn_error_gain
 from dmd_lightning.denoisers import Denoiser
-from dmd_lightning.ema import ema_tensors, ema_update, warmup_decay
-from dmd_lightning.errors import ConfigError
+from dmd_lightning.ema import EMA
 from dmd_lightning.gan import BottleneckClassifier, GANLoss, gan_classifier_loss, gan_generator_loss
 from dmd_lightning.generator import OneStepGenerator, sample
 from dmd_lightning.images import log_grid
 from dmd_lightning.losses import DenoisingLoss, DMLoss
 from dmd_lightning.metrics.evaluation import Evaluator, Evaluators
-from dmd_lightning.optim import Optimization, adamw_with_schedule
+from dmd_lightning.optim import Optimization
 from dmd_lightning.perf import compile_networks
 from dmd_lightning.rng import GlobalNoise, rank_world, set_rng_states
 from dmd_lightning.state import load_state, save_state, warm_start
@@ -78,9 +77,7 @@ class DMDModule(LightningModule):
             warn_error_gain(teacher.schedule, dm_loss.t_range)
         self.teacher = teacher.requires_grad_(False).eval()
         self.generator = generator if generator is not None else OneStepGenerator.from_teacher(teacher)
-        if len(getattr(self.generator, "timesteps", (0,))) > 1 and regression_loss is not None and regression_weight > 0:
-            raise ConfigError("the regression loss needs a one-step generator (its pairs map noise to a sample); "
-                              "set regression_loss: null for a multi-step generator")
+        check_regression(self.generator, regression_loss, regression_weight)
         self.fake_score = fake_score if fake_score is not None else copy.deepcopy(teacher).requires_grad_(True)
         self.generator.train()  # copies of the (eval-mode) teacher: Lightning keeps submodules' modes
         self.fake_score.train()
@@ -94,7 +91,7 @@ class DMDModule(LightningModule):
         self.updates = {name: GuardedUpdate(name, nonfinite) for name in ("generator", "fake_score")}
         self._micro = 0  # micro-batch of the update in progress
         self._restored: dict | None = None  # RNG states from a checkpoint, applied before the next step
-        self._ema_tensors: tuple | None = None
+        self.averager = EMA(self.generator_ema, self.generator, ema_decay, ema_warmup)
 
     # ----------------------------------------------------------------------------------------------- setup
     def train(self, mode: bool = True):
@@ -113,19 +110,13 @@ class DMDModule(LightningModule):
         check_data(self.teacher, getattr(self.trainer, "datamodule", None), gan=self.classifier is not None)
         if stage == "fit" and self.hparams.init_from:  # before Lightning restores a --ckpt_path, which wins
             warm_start(self, self.hparams.init_from)
-            self._ema_tensors = None
+            self.averager.reset()
 
     def configure_optimizers(self):
-        o, ratio = self.optim, self.hparams.fake_updates_per_generator_update
+        ratio = self.hparams.fake_updates_per_generator_update
         max_steps = self.trainer.max_steps if self._trainer is not None else -1
-        total = o.decay_updates(max_steps, 1 + (ratio if self.trains_fake_score else 0))
-        # only what trains (LoRA adapters, not their frozen base); the fake score's decay follows the generator's
-        trainable = lambda *nets: [p for net in nets if net is not None for p in net.parameters() if p.requires_grad]
-        opt_g, sch_g = adamw_with_schedule(trainable(self.generator), o.generator_lr, tuple(o.betas),
-                                           o.weight_decay, o.warmup_steps, total, o.min_lr_ratio)
-        opt_f, sch_f = adamw_with_schedule(trainable(self.fake_score, self.classifier), o.fake_lr, tuple(o.betas),
-                                           o.weight_decay, o.warmup_steps, total and total * ratio, o.min_lr_ratio)
-        return [opt_g, opt_f], [sch_g, sch_f]
+        return self.optim.build(self.generator, [self.fake_score, self.classifier], ratio, max_steps,
+                                steps_per_update=1 + (ratio if self.trains_fake_score else 0))
 
     # -------------------------------------------------------------------------------------------- training
     @property
@@ -164,8 +155,8 @@ class DMDModule(LightningModule):
             weights = {"dm": self.dm_loss.weight, "regression": self.hparams.regression_weight,
                        "gan": self.gan.generator_weight if self.gan else 0.0}
             self._step(opt_g, sch_g, self.generator, sum(weights[k] * v for k, v in terms.items()), terms, last)
-            if last:
-                self._update_ema(update // self.hparams.fake_updates_per_generator_update)
+            if last:  # after the generator's update, with the number of its updates before
+                self.averager.update(update // self.hparams.fake_updates_per_generator_update)
             x = x.detach()
         elif self.trains_fake_score:
             with torch.no_grad():
@@ -214,13 +205,6 @@ class DMDModule(LightningModule):
         part, parts = self._micro * world + rank, self.optim.accumulate * world
         return self.noise.draw(x, schedule, tuple(t_range), part, parts)
 
-    def _update_ema(self, updates: int) -> None:
-        """EMA after the generator's update (`updates` generator updates before it)."""
-        if self._ema_tensors is None:  # cached: the module walks cost more than a small network's update
-            self._ema_tensors = ema_tensors(self.generator_ema, self.generator)
-        ema_update(self._ema_tensors, warmup_decay(self.hparams.ema_decay, updates) if self.hparams.ema_warmup
-                   else self.hparams.ema_decay)
-
     def _step(self, opt, sched, net: nn.Module, loss: Tensor, terms: dict, last: bool) -> None:
         """Backward of this micro-batch's share; on an update's last micro-batch clip, guard, step (update.py)."""
         update = self.updates["generator" if net is self.generator else "fake_score"]
@@ -229,7 +213,7 @@ class DMDModule(LightningModule):
             update.step(self, opt, sched, net, terms, self._logs_now)
 
     def on_train_start(self) -> None:
-        self._ema_tensors = None  # a device move since the last fit replaces buffers
+        self.averager.reset()  # a device move since the last fit replaces buffers
 
     def on_train_end(self) -> None:
         for name, update in self.updates.items():  # check="logging": skips since the last logging step

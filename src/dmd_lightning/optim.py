@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from dmd_lightning.errors import ConfigError
 
@@ -64,3 +65,16 @@ class Optimization:
         if max_steps is None or max_steps <= 0:
             raise ConfigError("lr_decay='cosine' needs decay_steps or the trainer's max_steps")
         return max(1, max_steps // steps_per_update)
+
+    def build(self, generator: nn.Module, fake: list[nn.Module | None], ratio: int, max_steps: int | None,
+              steps_per_update: int):
+        """DMDModule's ([generator AdamW, fake-score AdamW], [their schedules]) over the parameters that train (LoRA
+        adapters, not their frozen base); the fake score takes `ratio` updates per generator update, so its cosine
+        decay spans `ratio` times as many."""
+        total = self.decay_updates(max_steps, steps_per_update)
+        trainable = lambda nets: [p for net in nets if net is not None for p in net.parameters() if p.requires_grad]
+        opt_g, sch_g = adamw_with_schedule(trainable([generator]), self.generator_lr, tuple(self.betas),
+                                           self.weight_decay, self.warmup_steps, total, self.min_lr_ratio)
+        opt_f, sch_f = adamw_with_schedule(trainable(fake), self.fake_lr, tuple(self.betas), self.weight_decay,
+                                           self.warmup_steps, total and total * ratio, self.min_lr_ratio)
+        return [opt_g, opt_f], [sch_g, sch_f]

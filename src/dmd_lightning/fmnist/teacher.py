@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from lightning import Callback, LightningDataModule, LightningModule
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
-from dmd_lightning.ema import ema_tensors, ema_update, warmup_decay
+from dmd_lightning.ema import EMA
 from dmd_lightning.errors import ConfigError, check_choice, check_int, check_number
 from dmd_lightning.fmnist.data import DEFAULT_ROOT, load_fashion_mnist, to_model_space
 from dmd_lightning.optim import adamw_with_schedule
@@ -65,7 +65,7 @@ class TeacherModule(LightningModule):
         self.schedule = schedule or VPSchedule()
         self.unet = fmnist_unet(num_classes, block_out_channels, layers_per_block)
         self.ema = copy.deepcopy(self.unet).requires_grad_(False).eval()
-        self._ema_tensors: tuple | None = None  # built once per fit: walking the modules each step costs
+        self.averager = EMA(self.ema, self.unet, ema_decay)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -81,13 +81,10 @@ class TeacherModule(LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        decay = warmup_decay(self.hparams.ema_decay, self.global_step)
-        if self._ema_tensors is None:
-            self._ema_tensors = ema_tensors(self.ema, self.unet)
-        ema_update(self._ema_tensors, decay)
+        self.averager.update(self.global_step)
 
     def on_train_start(self) -> None:
-        self._ema_tensors = None  # a device move since the last fit replaces the tensors
+        self.averager.reset()  # a device move since the last fit replaces buffers
         if self.hparams.compile and not getattr(self.unet, "_compiled_call_impl", None):
             self.unet.compile()  # in place: parameter names and the exported state dict stay the same
 

@@ -149,6 +149,7 @@ USER_ERRORS = [
     ("min lr ratio above 1", [TOY, M + "optim.min_lr_ratio", "2"], ["min_lr_ratio=2"]),
     ("no micro-batches", [TOY, M + "optim.accumulate", "0"], ["accumulate=0"]),
     ("unknown non-finite policy", [TOY, M + "nonfinite.action", "ignore"], ["nonfinite.action='ignore'"]),
+    ("unknown compile mode", [TOY, M + "compile_mode", "fastest"], ["compile_mode='fastest'"]),
     ("unknown non-finite check", [TOY, M + "nonfinite.check", "never"], ["nonfinite.check='never'"]),
     ("zero batch", [TOY, D + "batch_size", "0"], ["batch_size=0"]),
     ("negative pair batch", [TOY, D + "pair_batch_size", "-4"], ["pair_batch_size=-4"]),

@@ -7,7 +7,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from dmd_lightning import DMDModule
 from dmd_lightning.data.stream import DMDDataModule
-from dmd_lightning.perf import FastMath, Throughput, count_flops, peak_flops
+from dmd_lightning.perf import FastMath, Throughput, compile_target, count_flops, peak_flops
 
 
 def test_flops_of_a_matmul_and_of_its_backward():
@@ -63,6 +63,19 @@ def test_compiled_networks_give_the_eager_losses_and_gradients(tmp_path):
     fit(m, tmp_path / "compiled", max_steps=2, callbacks=[compiled])
     assert m._compiled and list(m.state_dict()) == list(module().state_dict())  # keys unchanged by compiling
     assert_same_gradients(eager.grads, compiled.grads)
+
+
+def test_the_generator_compiles_its_denoisers_unet_with_the_configured_mode(monkeypatch):
+    """The generator trains through `step` (its denoiser), not `forward`: compiling the generator itself would leave
+    its training calls eager."""
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda net, **kw: compiled.append((net, kw)))
+    m = module(compile=True, compile_backend="aot_eager", compile_mode="reduce-overhead")
+    m.configure_model()
+    assert compile_target(m.generator) is m.generator.denoiser.unet
+    nets = [m.generator.denoiser.unet, m.fake_score.unet, m.teacher.unet]
+    assert [net for net, _ in compiled] == nets
+    assert all(kw == {"backend": "aot_eager", "mode": "reduce-overhead"} for _, kw in compiled)
 
 
 def test_channels_last_and_tf32_give_the_default_gradients(tmp_path):

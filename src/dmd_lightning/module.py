@@ -18,7 +18,7 @@ from dmd_lightning.images import log_grid
 from dmd_lightning.losses import DenoisingLoss, DMLoss
 from dmd_lightning.metrics.evaluation import Evaluator, Evaluators
 from dmd_lightning.optim import Optimization
-from dmd_lightning.perf import compile_networks
+from dmd_lightning.perf import CUDA_GRAPH_MODES, compile_networks
 from dmd_lightning.rng import GlobalNoise, rank_world, set_rng_states
 from dmd_lightning.state import load_state, save_state, warm_start
 from dmd_lightning.update import GuardedUpdate, NonFinite
@@ -64,6 +64,7 @@ class DMDModule(LightningModule):
         nonfinite: NonFinite = NonFinite(),
         compile: bool = False,
         compile_backend: str = "inductor",
+        compile_mode: str | None = None,
         init_from: str | None = None,
     ):
         super().__init__()
@@ -101,9 +102,11 @@ class DMDModule(LightningModule):
         return self
 
     def configure_model(self) -> None:
-        """`compile`: the networks (not this module) compiled in place (perf.compile_networks)."""
-        if self.hparams.compile and not getattr(self, "_compiled", False):
-            compile_networks((self.generator, self.fake_score, self.teacher), self.hparams.compile_backend)
+        """`compile`: the networks (not this module) compiled in place (perf.compile_networks), with torch.compile's
+        `compile_mode` ("reduce-overhead": CUDA graphs where shapes are static)."""
+        hp = self.hparams
+        if hp.compile and not getattr(self, "_compiled", False):
+            compile_networks((self.generator, self.fake_score, self.teacher), hp.compile_backend, hp.compile_mode)
             self._compiled = True
 
     def setup(self, stage: str) -> None:
@@ -124,6 +127,8 @@ class DMDModule(LightningModule):
         return self.dm_loss.use_fake_score and self.dm_loss.weight > 0
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
+        if self.hparams.compile and self.hparams.compile_mode in CUDA_GRAPH_MODES and self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs may be overwritten
         opt_g, opt_f = self.optimizers()
         sch_g, sch_f = self.lr_schedulers()
         z, cond = batch["z"], batch.get("cond")

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 from lightning import Callback
 from lightning.fabric.utilities.throughput import get_available_flops
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 PRECISION_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16,
@@ -39,12 +40,26 @@ def median_time(fn: Callable[[], object], repeat: int, warmup: int = 1) -> float
     return median(times)
 
 
-def compile_networks(nets, backend: str = "inductor") -> None:
-    """Each network's diffusers UNet (or the network itself) compiled in place with torch.compile: parameters
-    and state-dict keys unchanged. "aot_eager" captures the graphs without generating code (tests). Nothing flips
-    requires_grad between DMD's phases, so the graphs are not recompiled."""
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
+
+
+def compile_target(net: nn.Module) -> nn.Module:
+    """What compile_networks compiles in `net`: its diffusers UNet (a denoiser's, or that of a generator's denoiser,
+    whose training calls go through `step`, not `forward`), else the network itself."""
+    for owner in (net, getattr(net, "denoiser", None)):
+        if isinstance(getattr(owner, "unet", None), nn.Module):
+            return owner.unet
+    return net
+
+
+def compile_networks(nets, backend: str = "inductor", mode: str | None = None) -> None:
+    """Each network's compile_target compiled in place with torch.compile: parameters and state-dict keys unchanged.
+    "aot_eager" captures the graphs without generating code (tests). Nothing flips requires_grad between DMD's
+    phases, so the graphs are not recompiled. With a CUDA-graph `mode` on a GPU, a graph's outputs live until
+    the next replay of that graph: the denoisers' x0 conversion (outside the compiled UNet) copies them, and
+    DMDModule marks each training step's start (torch.compiler.cudagraph_mark_step_begin)."""
     for net in nets:
-        getattr(net, "unet", net).compile(backend=backend)
+        compile_target(net).compile(backend=backend, mode=mode)
 
 
 def count_flops(fn) -> int:

@@ -109,6 +109,7 @@ def bench_compile(case: Case, repeat: int = 5, warmup: int = 2, backend: str = "
     1 is faster. Eager, compiled, eager again: the two eager medians bracket the compiled one against drift."""
     batch, times = dmd_batch(case), {}
     for side, compiled in (("eager", False), ("compiled", True), ("eager_again", False)):
+        torch.compiler.reset()  # the graph cache is per code object: one model's graphs must not crowd another's
         module = dmd_module(case, compile_backend=backend if compiled else None)
         timer = StepTimer()
         fit_steps(module, batch, warmup + repeat, [timer])

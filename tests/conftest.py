@@ -59,6 +59,24 @@ def quiet_trainer(tmp_path, max_steps: int, **kw) -> DMDTrainer:
                       limit_val_batches=0, default_root_dir=tmp_path, **kw)
 
 
+def cli_on_tiny(config: str, tmp_path, max_steps: int, model: dict, data: dict, command: str = "fit", **trainer):
+    """`dmd <command> --config <config>` with a second config over it: the CPU, `max_steps`, no logger, callbacks,
+    checkpoints or validation, and `model` / `data` init_args (the tiny stand-ins' paths and sizes). Returns the
+    LightningCLI run and its arguments (for a later export or predict with the same configs)."""
+    import yaml
+
+    from dmd_lightning.cli import cli
+
+    override = {"trainer": {"accelerator": "cpu", "devices": 1, "strategy": "auto", "precision": "32-true",
+                            "max_steps": max_steps, "limit_val_batches": 0, "logger": False, "callbacks": None,
+                            "enable_checkpointing": False, "default_root_dir": str(tmp_path),
+                            "enable_progress_bar": False, **trainer},
+                "model": {"init_args": model}, "data": {"init_args": data}}
+    (tmp_path / "override.yaml").write_text(yaml.safe_dump(override))
+    args = ["--config", config, "--config", str(tmp_path / "override.yaml")]
+    return cli([command, *args]), args
+
+
 def toy_module(optim: dict | None = None, **kw):
     """DMDModule on the 2-D toy with small MLPs: a training step in milliseconds. optim: Optimization's
     arguments over the toy's (lr 1e-3, 2 warm-up steps)."""
@@ -154,10 +172,8 @@ def train_dmd2(tmp_path, devices: int, batch: int, strategy: str = "auto", steps
     seed_everything(0)
     module = make() if make is not None else dmd2(steps=(999, 499))
     data = DMDDataModule(None, batch_size=batch, real_images=RandomImages(), val_size=8, val_batch_size=8)
-    trainer = Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps, logger=False,
-                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                      limit_val_batches=0, default_root_dir=tmp_path, callbacks=[SaveGradients(tmp_path)])
-    trainer.fit(module, datamodule=data)
+    quiet_trainer(tmp_path, steps, devices=devices, strategy=strategy, callbacks=[SaveGradients(tmp_path)]).fit(
+        module, datamodule=data)
 
 
 def two_ranks_match_one_process(tmp_path, make=None) -> list[dict]:

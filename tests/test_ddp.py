@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from conftest import toy_optim, two_ranks_match_one_process
-from lightning import Callback, Trainer, seed_everything
+from conftest import quiet_trainer, toy_optim, two_ranks_match_one_process
+from lightning import Callback, seed_everything
 
 from dmd_lightning import DMDModule, L2Loss, VPSchedule
 from dmd_lightning.toy2d.mixture import GaussianMixtureDenoiser, MLPDenoiser, MLPGenerator, ToyDataModule
@@ -37,10 +37,8 @@ def train(tmp_path, devices: int, batch: int, strategy: str = "auto", steps: int
                        optim=toy_optim(generator_lr=1e-2, fake_lr=1e-2, accumulate=accumulate),
                        fake_updates_per_generator_update=2, ema_decay=0.5, nonfinite=nonfinite)
     data = ToyDataModule(batch_size=batch, pair_batch_size=batch // 2, num_pairs=64, sampler_steps=10)
-    trainer = Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps, logger=False,
-                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                      limit_val_batches=0, default_root_dir=tmp_path, callbacks=[SaveParameters(tmp_path)])
-    trainer.fit(module, datamodule=data)
+    quiet_trainer(tmp_path, steps, devices=devices, strategy=strategy, callbacks=[SaveParameters(tmp_path)]).fit(
+        module, datamodule=data)
 
 
 @pytest.mark.parametrize("accumulate", [1, 2])

@@ -9,6 +9,7 @@ import torch
 from conftest import (
     PROMPTS,
     assert_same_weights,
+    cli_on_tiny,
     embed,
     fit_images,
     teacher_v,
@@ -160,24 +161,14 @@ def test_sd_export_writes_a_diffusers_lora_and_merged_weights(sd, teacher, tmp_p
 
 def test_sd15_lora_config_fits_and_exports_with_the_tiny_pipeline(sd, tmp_path):
     """configs/sd15_lora.yaml as is, but for paths and sizes (the tiny pipeline stands in for the hub id)."""
-    import yaml
-
     from dmd_lightning.cli import cli
 
     sd_args = {"path": sd["pipe"], "embedding_cache": sd["cache"]}
-    override = {
-        "trainer": {"accelerator": "cpu", "devices": 1, "strategy": "auto", "precision": "32-true", "max_steps": 3,
-                    "limit_val_batches": 0, "logger": False, "callbacks": None, "enable_checkpointing": False,
-                    "default_root_dir": str(tmp_path), "enable_progress_bar": False},
-        "model": {"init_args": {"teacher": {"init_args": sd_args}, "evaluator": None,
-                                "generator": {"init_args": {"denoiser": {"init_args": {
-                                    "rank": 4, "denoiser": {"init_args": sd_args}}}}}}},
-        "data": {"init_args": {"prompts": sd["prompts"], "text_encoder": sd["pipe"], "embedding_cache": sd["cache"],
-                               "batch_size": 1, "val_prompts": None, "latent_shape": [4, 8, 8]}},
-    }
-    (tmp_path / "override.yaml").write_text(yaml.safe_dump(override))
-    args = ["--config", "configs/sd15_lora.yaml", "--config", str(tmp_path / "override.yaml")]
-    run = cli(["fit", *args])
+    model = {"teacher": {"init_args": sd_args}, "evaluator": None,
+             "generator": {"init_args": {"denoiser": {"init_args": {"rank": 4, "denoiser": {"init_args": sd_args}}}}}}
+    data = {"prompts": sd["prompts"], "text_encoder": sd["pipe"], "embedding_cache": sd["cache"], "batch_size": 1,
+            "val_prompts": None, "latent_shape": [4, 8, 8]}
+    run, args = cli_on_tiny("configs/sd15_lora.yaml", tmp_path, 3, model, data)
     m = run.model
     assert isinstance(m.generator.denoiser, LoRADenoiser) and m.generator.denoiser.lora_config.lora_alpha == 8
     assert m.optim.generator_lr == 5e-5 and m.iteration == 2 and not is_lora(m.fake_score)

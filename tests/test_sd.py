@@ -6,7 +6,7 @@ validation wiring, the diffusers export round trip, sd15.yaml end to end, and th
 import numpy as np
 import pytest
 import torch
-from conftest import MAX_LEN, PROMPTS, embed, quiet_trainer, toy_optim, write_real_images
+from conftest import MAX_LEN, PROMPTS, cli_on_tiny, embed, quiet_trainer, toy_optim, write_real_images
 
 from dmd_lightning import DMDModule, DMLoss, LPIPSLoss
 from dmd_lightning.cli import DMDTrainer, cli
@@ -171,23 +171,13 @@ def test_export_is_a_one_step_diffusers_pipeline(sd, teacher, tmp_path):
 
 def test_sd15_config_fits_with_the_tiny_pipeline(sd, pairs, tmp_path):
     """configs/sd15.yaml as is, but for paths and sizes: the tiny pipeline stands in for the hub id."""
-    import yaml
-
     lpips = {"backbone_weights": None, "random_backbone": True, "resize": 64}
-    override = {
-        "trainer": {"accelerator": "cpu", "devices": 1, "strategy": "auto", "precision": "32-true", "max_steps": 2,
-                    "limit_val_batches": 0, "logger": False, "callbacks": None, "enable_checkpointing": False,
-                    "default_root_dir": str(tmp_path), "enable_progress_bar": False},
-        "model": {"init_args": {
-            "teacher": {"init_args": {"path": sd["pipe"], "embedding_cache": sd["cache"]}},
-            "regression_loss": {"init_args": {"vae": sd["taesd"], "lpips": {"init_args": lpips}}},
-            "evaluator": None}},
-        "data": {"init_args": {"pairs_dir": str(pairs), "prompts": sd["prompts"], "text_encoder": sd["pipe"],
-                               "embedding_cache": sd["cache"], "batch_size": 1, "pair_batch_size": 1,
-                               "val_prompts": None, "expect": {"teacher": sd["pipe"], "sampler": "pndm"}}},
-    }
-    (tmp_path / "override.yaml").write_text(yaml.safe_dump(override))
-    run = cli(["fit", "--config", "configs/sd15.yaml", "--config", str(tmp_path / "override.yaml")])
+    model = {"teacher": {"init_args": {"path": sd["pipe"], "embedding_cache": sd["cache"]}},
+             "regression_loss": {"init_args": {"vae": sd["taesd"], "lpips": {"init_args": lpips}}}, "evaluator": None}
+    data = {"pairs_dir": str(pairs), "prompts": sd["prompts"], "text_encoder": sd["pipe"],
+            "embedding_cache": sd["cache"], "batch_size": 1, "pair_batch_size": 1, "val_prompts": None,
+            "expect": {"teacher": sd["pipe"], "sampler": "pndm"}}
+    run, args = cli_on_tiny("configs/sd15.yaml", tmp_path, 2, model, data)
     m = run.model
     assert m.dm_loss.guidance_scale == 3.0 and m.optim.generator_lr == m.optim.fake_lr == 1e-5
     assert m.hparams.regression_weight == 0.25 and list(m.dm_loss.t_range) == [0.02, 0.98]
@@ -197,8 +187,7 @@ def test_sd15_config_fits_with_the_tiny_pipeline(sd, pairs, tmp_path):
     assert not any(p.requires_grad for p in m.regression_loss.parameters())
 
     run.trainer.save_checkpoint(tmp_path / "last.ckpt")  # `dmd export` from that checkpoint
-    cli(["export", "--config", "configs/sd15.yaml", "--config", str(tmp_path / "override.yaml"),
-         "--ckpt_path", str(tmp_path / "last.ckpt"), "--out_dir", str(tmp_path / "export")])
+    cli(["export", *args, "--ckpt_path", str(tmp_path / "last.ckpt"), "--out_dir", str(tmp_path / "export")])
     from diffusers import UNet2DConditionModel
 
     exported = UNet2DConditionModel.from_pretrained(tmp_path / "export" / "unet").state_dict()
@@ -208,10 +197,11 @@ def test_sd15_config_fits_with_the_tiny_pipeline(sd, pairs, tmp_path):
     # `dmd predict` with the config's SampleWriter: decoded images and their prompts
     writer = {"class_path": "dmd_lightning.predict.SampleWriter",
               "init_args": {"out": str(tmp_path / "samples.npz"), "vae": sd["pipe"]}}
+    import yaml
+
     (tmp_path / "predict.yaml").write_text(yaml.safe_dump({"trainer": {"callbacks": [writer]},
                                                            "data": {"init_args": {"val_size": 3}}}))
-    cli(["predict", "--config", "configs/sd15.yaml", "--config", str(tmp_path / "override.yaml"),
-         "--config", str(tmp_path / "predict.yaml"), "--ckpt_path", str(tmp_path / "last.ckpt")])
+    cli(["predict", *args, "--config", str(tmp_path / "predict.yaml"), "--ckpt_path", str(tmp_path / "last.ckpt")])
     samples = np.load(tmp_path / "samples.npz")
     assert samples["images"].shape == (3, 64, 64, 3) and samples["images"].dtype == np.uint8
     assert samples["prompts"].tolist() == PROMPTS[:3]
@@ -247,22 +237,13 @@ def test_sample_writer_decodes_latents_and_keeps_the_prompts(sd, tmp_path, suffi
 def test_sd15_dmd2_config_fits_without_pairs(sd, tmp_path):
     """configs/sd15_dmd2.yaml as is, but for paths and sizes: no pairs are read, the GAN sees real latents of a
     tiny image folder encoded by the tiny pipeline's VAE."""
-    import yaml
 
     write_real_images(tmp_path / "real", 3)
     real = {"source": str(tmp_path / "real"), "vae": sd["pipe"], "resolution": 64, "cache_dir": str(tmp_path / "rc")}
-    override = {
-        "trainer": {"accelerator": "cpu", "devices": 1, "strategy": "auto", "precision": "32-true", "max_steps": 3,
-                    "limit_val_batches": 0, "logger": False, "callbacks": None, "enable_checkpointing": False,
-                    "default_root_dir": str(tmp_path), "enable_progress_bar": False, "log_every_n_steps": 1},
-        "model": {"init_args": {"teacher": {"init_args": {"path": sd["pipe"], "embedding_cache": sd["cache"]}},
-                                "evaluator": None}},
-        "data": {"init_args": {"prompts": sd["prompts"], "text_encoder": sd["pipe"], "embedding_cache": sd["cache"],
-                               "batch_size": 1, "val_prompts": None, "latent_shape": [4, 8, 8],
-                               "real_images": {"init_args": real}}},
-    }
-    (tmp_path / "override.yaml").write_text(yaml.safe_dump(override))
-    run = cli(["fit", "--config", "configs/sd15_dmd2.yaml", "--config", str(tmp_path / "override.yaml")])
+    model = {"teacher": {"init_args": {"path": sd["pipe"], "embedding_cache": sd["cache"]}}, "evaluator": None}
+    data = {"prompts": sd["prompts"], "text_encoder": sd["pipe"], "embedding_cache": sd["cache"], "batch_size": 1,
+            "val_prompts": None, "latent_shape": [4, 8, 8], "real_images": {"init_args": real}}
+    run, _ = cli_on_tiny("configs/sd15_dmd2.yaml", tmp_path, 3, model, data, log_every_n_steps=1)
     m = run.model
     assert m.dm_loss.guidance_scale == 1.75 and m.optim.generator_lr == m.optim.fake_lr == 1e-5
     assert m.hparams.fake_updates_per_generator_update == 10 and m.regression_loss is None

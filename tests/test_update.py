@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import assert_same_weights, fit, toy_module, toy_optim
+from conftest import assert_same_weights, dmd2, fit, fit_images, toy_module, toy_optim
 from torch import nn
 
 from dmd_lightning import DMDModule, VPSchedule
@@ -109,10 +109,16 @@ def record_host_reads(module) -> list[tuple[int, bool]]:
 
 
 @pytest.mark.parametrize("check", CHECKS)
-def test_logging_check_reads_nothing_between_logging_steps(tmp_path, check):
-    m = toy_module(nonfinite=NonFinite(check=check))
+@pytest.mark.parametrize("model", ["toy", "dmd2 4-step"])
+def test_logging_check_reads_nothing_between_logging_steps(tmp_path, check, model):
+    """Also DMD2 with the GAN and a 4-step generator, whose step index per update is drawn on the host."""
+    m = toy_module(nonfinite=NonFinite(check=check)) if model == "toy" else dmd2(
+        steps=(999, 749, 499, 249), nonfinite=NonFinite(check=check))
     steps = record_host_reads(m)
-    fit(m, max_steps=12, tmp_path=tmp_path, log_every_n_steps=3)
+    if model == "toy":
+        fit(m, max_steps=12, tmp_path=tmp_path, log_every_n_steps=3)
+    else:
+        fit_images(m, tmp_path, max_steps=9, log_every_n_steps=3)  # 6 iterations: generator + fake, fake, ...
     assert len(steps) == 6
     if check == "update":  # the control: a verdict read after every update
         assert all(read for _, read in steps), steps

@@ -145,7 +145,7 @@ class DMDModule(LightningModule):
         # under no_grad, the GAN term the fake score and classifier with detached parameters, the fake score trains
         # on detached samples), and toggling walks every module.
         if generator_turn:
-            x = self._generate(z, cond)
+            x = self._generate(z, cond, update)
             terms = {}
             if self.dm_loss.weight > 0:
                 t, eps = self._draw(x, self.teacher.schedule, self.dm_loss.t_range)
@@ -165,7 +165,7 @@ class DMDModule(LightningModule):
             x = x.detach()
         elif self.trains_fake_score:
             with torch.no_grad():
-                x = self._generate(z, cond)
+                x = self._generate(z, cond, update)
 
         if self.trains_fake_score:
             t, eps = self._draw(x, self.fake_score.schedule, self.fake_loss.t_range)
@@ -189,13 +189,13 @@ class DMDModule(LightningModule):
         """Whether accumulated gradients await the rest of an update's micro-batches (no checkpoint then)."""
         return self.iteration % self.optim.accumulate != 0
 
-    def _generate(self, z: Tensor, cond) -> Tensor:
-        """The generator's output at a random one of its K steps, whose input the generator itself made from z
-        without gradient (DMD2's backward simulation); for K = 1 simply G(z)."""
+    def _generate(self, z: Tensor, cond, update: int) -> Tensor:
+        """The generator's output at a random one of its K steps (drawn per update), whose input the generator
+        itself made from z without gradient (DMD2's backward simulation); for K = 1 simply G(z)."""
         if not hasattr(self.generator, "simulate"):  # a generator of the user's own (e.g. the toy's MLP)
             return self.generator(z, cond)
         steps = len(self.generator.timesteps)
-        k = self.noise.draw_index(steps, z.device) if steps > 1 else 0
+        k = self.noise.draw_index(steps, update) if steps > 1 else 0
         eps = [self._draw(z, self.teacher.schedule, (0, 1))[1] for _ in range(k)]
         return self.generator.step(self.generator.simulate(z, k, cond, eps=eps), k, cond)
 

@@ -63,9 +63,11 @@ class GlobalNoise:
     def rewind(self) -> None:
         self.generator = None if self._mark is None else self._with_state(self._mark, self.generator.device)
 
-    def draw_index(self, n: int, device: torch.device) -> int:
-        """One index in [0, n), the same on every rank (all ranks hold the same generator state)."""
-        return int(torch.randint(n, (1,), device=device, generator=self._on(torch.device(device))))
+    @staticmethod
+    def draw_index(n: int, key: int) -> int:
+        """An index in [0, n) for `key` (an update's number): the same on every rank, micro-batch and resumed run,
+        drawn on the host from the run's seed and the key, so that it needs no device synchronisation."""
+        return random.Random(torch.initial_seed() * 1_000_003 + key).randrange(n)
 
     def _on(self, device: torch.device) -> torch.Generator:
         """The generator, created on `device` (seeded by torch.initial_seed()) on first use or a device move."""

@@ -1,5 +1,5 @@
 """Seconds per DMD training iteration, MFU and peak GPU memory for an SD1.5-architecture UNet at 512x512, with the
-networks eager and compiled (DMDModule(compile=True)) side by side.
+networks eager and compiled (DMDModule(compile=Compilation(mode=...))) side by side.
 
 Random weights built from SD1.5's published UNet config (nothing downloaded); bf16 mixed precision; the real
 DMDModule stepped by Lightning's Trainer: generator forward + backward (DM loss, guidance 3 on the real side),
@@ -22,7 +22,7 @@ from lightning import Callback, Trainer
 from torch.utils.data import DataLoader, IterableDataset
 
 from dmd_lightning import DMDModule, DMLoss, UNetDenoiser, VPSchedule
-from dmd_lightning.perf import Throughput, peak_flops
+from dmd_lightning.perf import Compilation, Throughput, peak_flops
 from dmd_lightning.tools.bench_cases import SD15_UNET, TINY_SD_UNET
 
 
@@ -61,7 +61,7 @@ def measure(config: dict, batch: int, checkpointing: bool, iterations: int, warm
     schedule = VPSchedule(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     null = torch.zeros(1, 77, config["cross_attention_dim"])
     module = DMDModule(UNetDenoiser(unet, schedule, null_embedding=null), dm_loss=DMLoss(guidance_scale=3.0), regression_loss=None,
-                       compile=compile, compile_mode=compile_mode if compile else None)
+                       compile=Compilation(mode=compile_mode) if compile else None)
     timer, perf = StepTimer(), Throughput()
     gpu = torch.cuda.is_available()
     trainer = Trainer(accelerator="gpu" if gpu else "cpu", devices=1, precision="bf16-mixed" if gpu else "32-true",

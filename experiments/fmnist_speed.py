@@ -1,6 +1,6 @@
 """Iterations/s and MFU of `configs/fmnist.yaml` (batch 256 + 256, bf16-mixed on a GPU) eager vs compiled vs
 compiled with FastMath (TF32, channels-last), then without the per-update host synchronisation (nonfinite.check
-logging) and with CUDA graphs (compile_mode reduce-overhead), each measured side by side in one process on the
+logging) and with CUDA graphs (compile mode reduce-overhead), each measured side by side in one process on the
 same pairs. A variant that fails is reported as failed and the others still run.
 
 python experiments/fmnist_speed.py [--pairs runs/fmnist/pairs] [--iterations 60] [--tiny]
@@ -9,7 +9,7 @@ Each variant runs `dmd fit`'s code path (the config, LightningCLI, the Trainer) 
 without validation; the Throughput callback's last perf/iterations_per_s (the rate over the last
 log_every_n_steps iterations, so compilation is outside it) and perf/mfu (on a card Lightning knows) are
 printed as a table and written to OUT/speed.json. Pairs missing at --pairs are made first (`dmd pairs`, 2,048
-pairs). --tiny: batch 8, 6 iterations, fp32, compile_backend aot_eager: a CPU smoke test of the script.
+pairs). --tiny: batch 8, 6 iterations, fp32, compile backend aot_eager: a CPU smoke test of the script.
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ import torch
 from dmd_lightning.cli import cli
 from dmd_lightning.perf import FastMath
 
-COMPILED, FAST = ["--model.init_args.compile", "true"], FastMath(tf32=True, channels_last=True)
+FAST = FastMath(tf32=True, channels_last=True)
 NO_SYNC = ["--model.init_args.nonfinite", '{"check": "logging"}']
 VARIANTS = {  # name: (DMDModule overrides, FastMath or None)
-    "eager": (["--model.init_args.compile", "false"], None),
-    "compiled": (COMPILED, None),
-    "compiled + TF32 + channels-last": (COMPILED, FAST),
-    "... + no per-update sync": (COMPILED + NO_SYNC, FAST),
-    "... + CUDA graphs": (COMPILED + NO_SYNC + ["--model.init_args.compile_mode", "reduce-overhead"], FAST),
+    "eager": (["--model.init_args.compile", "null"], None),
+    "compiled": ([], None),
+    "compiled + TF32 + channels-last": ([], FAST),
+    "... + no per-update sync": (NO_SYNC, FAST),
+    "... + CUDA graphs": (NO_SYNC + ["--model.init_args.compile.mode", "reduce-overhead"], FAST),
 }
 
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
         run = cli(["--config", "configs/fmnist.yaml", "--data.init_args.pairs_dir", a.pairs,
                    "--data.init_args.expect", json.dumps(expect), "--trainer.max_steps", str(2 * a.iterations),
                    "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
-                   "--trainer.enable_progress_bar", "false", "--model.init_args.compile_backend", backend,
+                   "--trainer.enable_progress_bar", "false", "--model.init_args.compile", json.dumps({"backend": backend}),
                    "--trainer.log_every_n_steps", str(every), "--trainer.default_root_dir", a.out,
                    *small, *overrides], run=False)
         run.trainer.callbacks = [c for c in run.trainer.callbacks if type(c).__name__ in ("Throughput",)]

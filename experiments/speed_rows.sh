@@ -2,7 +2,7 @@
 # One GPU run for the speed rows of docs/bench.md, each script comparing its variants side by side in one process:
 #  1. the SD1.5-architecture DMD iteration (random weights, bf16) at batch 4 and 16, eager vs compiled: s/iteration,
 #     TFLOP/iteration, MFU, peak memory (experiments/bench_sd15_step.py);
-#  2. the same at batch 16 with CUDA graphs (compile_mode reduce-overhead);
+#  2. the same at batch 16 with CUDA graphs (compile mode reduce-overhead);
 #  3. configs/fmnist.yaml at batch 256 + 256: eager, compiled, + TF32 + channels-last, + no per-update sync,
 #     + CUDA graphs (experiments/fmnist_speed.py, on 2,048 pairs of the shipped teacher).
 # Each step gets a share of the deadline and is cut off (its rows so far kept) when it runs over.

@@ -7,7 +7,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from dmd_lightning import DMDModule
 from dmd_lightning.data.stream import DMDDataModule
-from dmd_lightning.perf import FastMath, Throughput, compile_target, count_flops, peak_flops
+from dmd_lightning.perf import Compilation, FastMath, Throughput, compile_target, count_flops, peak_flops
 
 
 def test_flops_of_a_matmul_and_of_its_backward():
@@ -59,7 +59,7 @@ class FirstGradients(Callback):
 def test_compiled_networks_give_the_eager_losses_and_gradients(tmp_path):
     eager, compiled = FirstGradients(), FirstGradients()
     fit(module(), tmp_path / "eager", max_steps=2, callbacks=[eager])
-    m = module(compile=True, compile_backend="aot_eager")
+    m = module(compile=Compilation("aot_eager"))
     fit(m, tmp_path / "compiled", max_steps=2, callbacks=[compiled])
     assert m._compiled and list(m.state_dict()) == list(module().state_dict())  # keys unchanged by compiling
     assert_same_gradients(eager.grads, compiled.grads)
@@ -70,7 +70,7 @@ def test_the_generator_compiles_its_denoisers_unet_with_the_configured_mode(monk
     its training calls eager."""
     compiled = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda net, **kw: compiled.append((net, kw)))
-    m = module(compile=True, compile_backend="aot_eager", compile_mode="reduce-overhead")
+    m = module(compile=Compilation("aot_eager", mode="reduce-overhead"))
     m.configure_model()
     assert compile_target(m.generator) is m.generator.denoiser.unet
     nets = [m.generator.denoiser.unet, m.fake_score.unet, m.teacher.unet]

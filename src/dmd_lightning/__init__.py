@@ -14,10 +14,12 @@ from dmd_lightning.losses import (
 )
 from dmd_lightning.module import DMDModule
 from dmd_lightning.optim import Optimization
+from dmd_lightning.perf import Compilation
 from dmd_lightning.schedule import VPSchedule
 from dmd_lightning.update import NonFinite
 
 __all__ = [
+    "Compilation",
     "DMDModule",
     "DMLoss",
     "Denoiser",

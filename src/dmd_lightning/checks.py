@@ -47,8 +47,9 @@ def check_dmd_arguments(hp) -> None:
     check_choice("nonfinite.action", hp.nonfinite["action"], ("skip", "stop"))
     check_int("nonfinite.max_consecutive", hp.nonfinite["max_consecutive"])
     check_choice("nonfinite.check", hp.nonfinite["check"], ("update", "logging"))
-    check_choice("compile_mode", hp.compile_mode,
-                 (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
+    if hp.compile is not None:
+        check_choice("compile.mode", hp.compile["mode"],
+                     (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
     if hp.gan is not None:
         check_number("gan.generator_weight", hp.gan["generator_weight"], 0.0)
         check_number("gan.classifier_weight", hp.gan["classifier_weight"], 0.0)

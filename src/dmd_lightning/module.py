@@ -18,7 +18,7 @@ from dmd_lightning.images import log_grid
 from dmd_lightning.losses import DenoisingLoss, DMLoss
 from dmd_lightning.metrics.evaluation import Evaluator, Evaluators
 from dmd_lightning.optim import Optimization
-from dmd_lightning.perf import CUDA_GRAPH_MODES, compile_networks
+from dmd_lightning.perf import Compilation
 from dmd_lightning.rng import GlobalNoise, rank_world, set_rng_states
 from dmd_lightning.state import load_state, save_state, warm_start
 from dmd_lightning.update import GuardedUpdate, NonFinite
@@ -62,17 +62,16 @@ class DMDModule(LightningModule):
         evaluator: Evaluator | None = None,
         validate_raw: bool = False,
         nonfinite: NonFinite = NonFinite(),
-        compile: bool = False,
-        compile_backend: str = "inductor",
-        compile_mode: str | None = None,
+        compile: Compilation | None = None,
         init_from: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["teacher", "generator", "fake_score", "regression_loss", "evaluator"])
-        configured = {"dm_loss": dm_loss, "fake_loss": fake_loss, "gan": gan, "optim": optim, "nonfinite": nonfinite}
+        configured = {"dm_loss": dm_loss, "fake_loss": fake_loss, "gan": gan, "optim": optim, "nonfinite": nonfinite,
+                      "compile": compile}
         self.hparams.update({k: asdict(v) for k, v in configured.items() if v is not None})  # plain, safe to load
         check_dmd_arguments(self.hparams)
-        self.dm_loss, self.fake_loss, self.gan, self.optim = dm_loss, fake_loss, gan, optim
+        self.dm_loss, self.fake_loss, self.gan, self.optim, self.compilation = dm_loss, fake_loss, gan, optim, compile
         self.automatic_optimization = False
         if fake_score is None and dm_loss.weight > 0:  # the fake score as DMD builds it: a fine-tuned teacher copy
             warn_error_gain(teacher.schedule, dm_loss.t_range)
@@ -102,11 +101,9 @@ class DMDModule(LightningModule):
         return self
 
     def configure_model(self) -> None:
-        """`compile`: the networks (not this module) compiled in place (perf.compile_networks), with torch.compile's
-        `compile_mode` ("reduce-overhead": CUDA graphs where shapes are static)."""
-        hp = self.hparams
-        if hp.compile and not getattr(self, "_compiled", False):
-            compile_networks((self.generator, self.fake_score, self.teacher), hp.compile_backend, hp.compile_mode)
+        """`compile`: the networks (not this module) compiled in place (perf.Compilation)."""
+        if self.compilation is not None and not getattr(self, "_compiled", False):
+            self.compilation.apply((self.generator, self.fake_score, self.teacher))
             self._compiled = True
 
     def setup(self, stage: str) -> None:
@@ -127,8 +124,8 @@ class DMDModule(LightningModule):
         return self.dm_loss.use_fake_score and self.dm_loss.weight > 0
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        if self.hparams.compile and self.hparams.compile_mode in CUDA_GRAPH_MODES and self.device.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs may be overwritten
+        if self.compilation is not None:
+            self.compilation.step_begin(self.device)
         opt_g, opt_f = self.optimizers()
         sch_g, sch_f = self.lr_schedulers()
         z, cond = batch["z"], batch.get("cond")

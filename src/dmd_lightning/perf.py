@@ -11,6 +11,7 @@ fake-score-only ones of the two time-scale rule, averaged as the rule mixes them
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -52,14 +53,26 @@ def compile_target(net: nn.Module) -> nn.Module:
     return net
 
 
-def compile_networks(nets, backend: str = "inductor", mode: str | None = None) -> None:
-    """Each network's compile_target compiled in place with torch.compile: parameters and state-dict keys unchanged.
-    "aot_eager" captures the graphs without generating code (tests). Nothing flips requires_grad between DMD's
-    phases, so the graphs are not recompiled. With a CUDA-graph `mode` on a GPU, a graph's outputs live until
-    the next replay of that graph: the denoisers' x0 conversion (outside the compiled UNet) copies them, and
-    DMDModule marks each training step's start (torch.compiler.cudagraph_mark_step_begin)."""
-    for net in nets:
-        compile_target(net).compile(backend=backend, mode=mode)
+@dataclass(frozen=True)
+class Compilation:
+    """torch.compile for the networks, not the LightningModule: each network's compile_target compiled in place
+    (parameters and state-dict keys unchanged) with `backend` ("aot_eager" captures the graphs without generating
+    code: tests) and `mode` ("reduce-overhead": CUDA graphs where shapes are static). Nothing flips requires_grad
+    between DMD's phases, so nothing recompiles. A CUDA graph's outputs live until the next replay of that graph:
+    the denoisers' x0 conversion (outside the compiled UNet) copies them, and each training step starts with
+    `step_begin`."""
+
+    backend: str = "inductor"
+    mode: str | None = None
+
+    def apply(self, nets) -> None:
+        for net in nets:
+            compile_target(net).compile(backend=self.backend, mode=self.mode)
+
+    def step_begin(self, device: torch.device) -> None:
+        """Marks a new training step for CUDA graphs: the last step's graph outputs may now be overwritten."""
+        if self.mode in CUDA_GRAPH_MODES and device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
 
 
 def count_flops(fn) -> int:

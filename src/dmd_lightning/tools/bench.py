@@ -31,6 +31,7 @@ from dmd_lightning.generator import OneStepGenerator
 from dmd_lightning.losses import DMLoss, L2Loss
 from dmd_lightning.module import DMDModule
 from dmd_lightning.optim import Optimization, make_adamw
+from dmd_lightning.perf import Compilation
 from dmd_lightning.samplers import make_scheduler, sample_ode
 from dmd_lightning.tools.bench_cases import (
     SD15_UNET,
@@ -99,12 +100,12 @@ def dmd_module(case: Case, checkpointing: bool = False, compile_backend: str | N
     if checkpointing:  # the generator and the fake score are copies of the teacher: they inherit it
         teacher.unet.enable_gradient_checkpointing()
     return DMDModule(teacher, dm_loss=DMLoss(guidance_scale=case.guidance), regression_loss=L2Loss(),
-                     optim=Optimization(warmup_steps=1), compile=compile_backend is not None,
-                     compile_backend=compile_backend or "inductor")
+                     optim=Optimization(warmup_steps=1),
+                     compile=Compilation(compile_backend) if compile_backend is not None else None)
 
 
 def bench_compile(case: Case, repeat: int = 5, warmup: int = 2, backend: str = "inductor") -> dict:
-    """A Trainer-driven DMD iteration with the networks compiled (DMDModule(compile=True)) over the eager one, each
+    """A Trainer-driven DMD iteration with the networks compiled (DMDModule(compile=Compilation())) over the eager one, each
     the median after `warmup` iterations (the compiled side's include compilation, reported as compile_s); below
     1 is faster. Eager, compiled, eager again: the two eager medians bracket the compiled one against drift."""
     batch, times = dmd_batch(case), {}

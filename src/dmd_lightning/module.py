@@ -19,8 +19,8 @@ from dmd_lightning.losses import DenoisingLoss, DMLoss
 from dmd_lightning.metrics.evaluation import Evaluator, Evaluators
 from dmd_lightning.optim import Optimization
 from dmd_lightning.perf import Compilation
-from dmd_lightning.rng import GlobalNoise, rank_world, set_rng_states
-from dmd_lightning.state import load_state, save_state, warm_start
+from dmd_lightning.rng import GlobalNoise, rank_world
+from dmd_lightning.state import load_state, restore_rng, save_state, warm_start
 from dmd_lightning.update import GuardedUpdate, NonFinite
 
 
@@ -33,11 +33,9 @@ class DMDModule(LightningModule):
     images). `global_step` (and `max_steps`) counts optimizer steps of both networks: 2 per iteration with a
     generator update, 1 without. With `optim.accumulate = N` an iteration takes N batches.
 
-    The generator is a copy of the teacher reading pure noise at t = T-1 (DMD Sec. 3.1), which needs a teacher
-    whose x0-prediction is well conditioned there (docs/teacher.md), or a MultiStepGenerator (DMD2 Sec. 4.5).
-    Its EMA warms up (update n uses min(ema_decay, (1 + n) / (10 + n))) unless `ema_warmup=False`. Validation
-    scores the EMA generator (`val/...`) and, with `validate_raw`, the raw one (`val/raw/...`). A non-finite
-    loss or gradient skips the update or stops training, as `nonfinite` says (update.py).
+    The generator defaults to a copy of the teacher reading pure noise at t = T-1 (DMD Sec. 3.1; generator.py).
+    Its EMA (ema.py) warms up unless `ema_warmup=False`. Validation scores the EMA generator (`val/...`) and,
+    with `validate_raw`, the raw one (`val/raw/...`). `nonfinite` guards each update (update.py).
 
     The losses' t and eps come from the module's own generator, drawn for the global batch of all ranks (and
     micro-batches), each keeping its part: a DDP run matches one process with the global batch, and N
@@ -147,7 +145,7 @@ class DMDModule(LightningModule):
             if self.dm_loss.weight > 0:
                 t, eps = self._draw(x, self.teacher.schedule, self.dm_loss.t_range)
                 terms["dm"], stats = self.dm_loss(x, self.teacher, self.fake_score, cond, t, eps)
-                if self._logs_now:
+                if self.logs_now:
                     self.log_dict(stats, on_step=True)
             if self.regression_loss is not None and self.hparams.regression_weight > 0 and "pair_z" in batch:
                 x_reg = self.generator(batch["pair_z"], batch.get("pair_cond"))
@@ -156,7 +154,7 @@ class DMDModule(LightningModule):
                 terms["gan"] = gan_generator_loss(self._logits(x, cond, frozen=True))
             weights = {"dm": self.dm_loss.weight, "regression": self.hparams.regression_weight,
                        "gan": self.gan.generator_weight if self.gan else 0.0}
-            self._step(opt_g, sch_g, self.generator, sum(weights[k] * v for k, v in terms.items()), terms, last)
+            self.updates["generator"].run(self, opt_g, sch_g, sum(weights[k] * v for k, v in terms.items()), terms, last)
             if last:  # after the generator's update, with the number of its updates before
                 self.averager.update(update // self.hparams.fake_updates_per_generator_update)
             x = x.detach()
@@ -171,12 +169,12 @@ class DMDModule(LightningModule):
                 terms["classifier"] = gan_classifier_loss(self._logits(batch["real_x"], batch.get("real_cond")),
                                                           self._logits(x, cond))
             loss = terms["denoising"] + (self.gan.classifier_weight * terms["classifier"] if self.gan else 0.0)
-            self._step(opt_f, sch_f, self.fake_score, loss, terms, last)
-        if self._logs_now:
+            self.updates["fake_score"].run(self, opt_f, sch_f, loss, terms, last)
+        if self.logs_now:
             self.log("train/iteration", float(self.iteration), on_step=True)
 
     @property
-    def _logs_now(self) -> bool:
+    def logs_now(self) -> bool:
         """Lightning writes step metrics every `log_every_n_steps` only; the self.log calls in between cost
         time for nothing (about 12% of a small network's iteration), so they are skipped."""
         return self._trainer is None or self.iteration % self.trainer.log_every_n_steps == 0
@@ -207,13 +205,6 @@ class DMDModule(LightningModule):
         part, parts = self._micro * world + rank, self.optim.accumulate * world
         return self.noise.draw(x, schedule, tuple(t_range), part, parts)
 
-    def _step(self, opt, sched, net: nn.Module, loss: Tensor, terms: dict, last: bool) -> None:
-        """Backward of this micro-batch's share; on an update's last micro-batch clip, guard, step (update.py)."""
-        update = self.updates["generator" if net is self.generator else "fake_score"]
-        update.backward(self, loss, terms, last)
-        if last:
-            update.step(self, opt, sched, net, terms, self._logs_now)
-
     def on_train_start(self) -> None:
         self.averager.reset()  # a device move since the last fit replaces buffers
 
@@ -222,9 +213,8 @@ class DMDModule(LightningModule):
             update.report(self, getattr(self, name), "end of training", log=False)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        if self._restored is not None:  # here, not in on_load_checkpoint: loader set-up still draws numbers
-            set_rng_states(self._restored["global"])
-            self.noise.load(self._restored["noise"], self.device)
+        if self._restored is not None:
+            restore_rng(self, self._restored)
             self._restored = None
 
     # ------------------------------------------------------------------------------------------ evaluation

@@ -13,7 +13,7 @@ from dmd_lightning.checkpoint import load_checkpoint_file
 from dmd_lightning.checks import check_same_model, is_finite_module
 from dmd_lightning.errors import CheckpointError, NonFiniteError
 from dmd_lightning.frozen import drop_frozen, fill_frozen
-from dmd_lightning.rng import rng_states
+from dmd_lightning.rng import rng_states, set_rng_states
 
 FROZEN = ("teacher.", "regression_loss.", "evaluators.")  # state-dict prefixes of networks that never train
 TRAINED = ("generator.", "generator_ema.", "fake_score.")
@@ -51,6 +51,13 @@ def load_state(module, checkpoint: dict) -> dict | None:
     module.iteration = int(checkpoint.get("dmd_iteration", 0))
     rng = checkpoint.get("dmd_rng")
     return rng if rng is not None and rng["noise"] is not None else None
+
+
+def restore_rng(module, rng: dict) -> None:
+    """The RNG states load_state returned, set before the first training step after a resume (not when the
+    checkpoint loads: the data loaders' set-up still draws numbers after that)."""
+    set_rng_states(rng["global"])
+    module.noise.load(rng["noise"], module.device)
 
 
 def warm_start(module, path: str) -> None:

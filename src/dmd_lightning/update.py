@@ -42,6 +42,12 @@ class GuardedUpdate:
         self._bad: dict[str, Tensor] = {}  # per loss term: non-finite in the update in progress (device bools)
         self._pending: dict[str, Tensor] = {}  # check="logging": per term, skipped updates since the last read
 
+    def run(self, module, opt, sched, loss: Tensor, terms: dict[str, Tensor], last: bool) -> None:
+        """This micro-batch's backward; on an update's last micro-batch, clip, guard and step."""
+        self.backward(module, loss, terms, last)
+        if last:
+            self.step(module, opt, sched, getattr(module, self.name), terms, module.logs_now)
+
     def backward(self, module, loss: Tensor, terms: dict[str, Tensor], last: bool) -> None:
         """This micro-batch's share of the update; DDP reduces the gradients once, in the last one's backward."""
         blocked = getattr(module.trainer.strategy, "block_backward_sync", nullcontext) if not last else nullcontext

@@ -1,6 +1,10 @@
+import math
+
 import pytest
 import torch
 from conftest import assert_same_weights, dmd2, fit, fit_images, toy_module, toy_optim
+from lightning import Callback
+from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 
 from dmd_lightning import DMDModule, VPSchedule
@@ -124,3 +128,28 @@ def test_logging_check_reads_nothing_between_logging_steps(tmp_path, check, mode
         assert all(read for _, read in steps), steps
     else:
         assert all(read == (iteration % 3 == 0) for iteration, read in steps), steps
+
+
+class GradNorms(Callback):
+    def __init__(self):
+        self.norms = []
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self.norms.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.endswith("/grad_norm")})
+
+
+def test_16_mixed_clips_and_checks_unscaled_gradients_and_the_loss_scale_backs_off(tmp_path):
+    """Under 16-mixed (a torch.amp.GradScaler, here on the CPU) the gradients are unscaled before clipping and the
+    guard; an overflowing generator update is skipped by both, and GradScaler lowers its scale until it fits."""
+    runs = {}
+    for name, kw in {"32-true": {"precision": "32-true"},
+                     "16-mixed": {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]}}.items():
+        torch.manual_seed(0)
+        m, norms = toy_module(), GradNorms()
+        trainer = fit(m, max_steps=40, tmp_path=tmp_path / name, callbacks=[norms], log_every_n_steps=1, **kw)
+        runs[name] = (m, norms.norms, trainer)
+    fp32, fp16 = runs["32-true"][1][0]["fake_score/grad_norm"], runs["16-mixed"][1][0]["fake_score/grad_norm"]
+    assert fp16 == pytest.approx(fp32, rel=1e-2)  # not 65536 times larger
+    m, norms, trainer = runs["16-mixed"]
+    assert trainer.precision_plugin.scaler.get_scale() < 65536.0
+    assert math.isfinite(norms[-1]["generator/grad_norm"])

@@ -59,6 +59,9 @@ class GuardedUpdate:
 
     def step(self, module, opt, sched, net: nn.Module, terms: dict[str, Tensor], logs: bool) -> None:
         """Clip, guard and step (the update's last micro-batch); logs the terms, gradient norm and lr when `logs`."""
+        scaler = getattr(module.trainer.precision_plugin, "scaler", None)
+        if scaler is not None:  # 16-mixed: clip and check the true gradients, not the loss-scaled ones
+            scaler.unscale_(opt.optimizer)
         # the optimizer's own list: walking the network's modules costs more than a small network's update
         params = [p for group in opt.optimizer.param_groups for p in group["params"] if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, module.optim.gradient_clip)
@@ -78,6 +81,8 @@ class GuardedUpdate:
             if self._skip(bad, where, net):
                 module.print(f"warning: non-finite {', '.join(bad)} in the {where}; update skipped")
                 module.log(f"{self.name}/skipped", 1.0, on_step=True)
+                if scaler is not None and "gradient" in bad:  # GradScaler skips it too, and lowers its loss scale
+                    opt.step()
             else:
                 opt.step()
                 sched.step()
@@ -86,10 +91,10 @@ class GuardedUpdate:
             if module.trainer.world_size > 1:  # the same decision on every rank, without a host synchronisation
                 found_inf = module.trainer.strategy.reduce(found_inf, reduce_op="max")
             opt.optimizer.found_inf = found_inf  # the fused kernel leaves weights, moments and step count alone
-            try:
+            try:  # (under 16-mixed torch.amp.GradScaler sets and removes its own, from the gradients)
                 opt.step()
             finally:
-                del opt.optimizer.found_inf
+                opt.optimizer.__dict__.pop("found_inf", None)
             sched.step()
             for k, v in flags.items():
                 self._pending[k] = self._pending.get(k, 0) + v

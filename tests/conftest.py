@@ -101,8 +101,9 @@ def fit(module, max_steps, tmp_path, ckpt_path=None, **kw):
 
     from dmd_lightning.toy2d.mixture import ToyDataModule
 
-    trainer = Trainer(max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                      default_root_dir=tmp_path, limit_val_batches=0, accelerator="cpu", **kw)
+    trainer = Trainer(**{"max_steps": max_steps, "logger": False, "enable_progress_bar": False,
+                         "enable_model_summary": False, "default_root_dir": tmp_path, "limit_val_batches": 0,
+                         "accelerator": "cpu", **kw})
     trainer.fit(module, datamodule=ToyDataModule(batch_size=32, pair_batch_size=16, num_pairs=64, sampler_steps=10),
                 ckpt_path=ckpt_path)
     return trainer
@@ -141,9 +142,9 @@ def dmd2(steps=(999,), **kw):
 
 # ---- DMD2 on images: fit, and two gloo ranks against one process
 def fit_images(module, tmp_path, max_steps, ckpt_path=None, callbacks=(), **kw):
-    trainer = Trainer(max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                      default_root_dir=tmp_path, limit_val_batches=0, accelerator="cpu", callbacks=list(callbacks),
-                      **kw)
+    trainer = Trainer(**{"max_steps": max_steps, "logger": False, "enable_progress_bar": False,
+                         "enable_model_summary": False, "default_root_dir": tmp_path, "limit_val_batches": 0,
+                         "accelerator": "cpu", "callbacks": list(callbacks), **kw})
     data = DMDDataModule(None, batch_size=4, real_images=RandomImages(), val_size=8, val_batch_size=8)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return trainer

@@ -86,48 +86,53 @@ def test_checks_train_alike_when_all_is_finite(tmp_path):
     assert_same_weights(runs[0], runs[1], rtol=0, atol=0)
 
 
-def record_host_reads(module) -> list[tuple[int, bool]]:
-    """Per training step: (iteration, whether a tensor's value was read on the host, a device synchronisation)."""
-    methods, steps, step = ("__bool__", "item", "tolist", "__float__", "__int__", "__index__"), [], module.training_step
+class HostReads(Callback):
+    """Per iteration of a fit: whether a tensor's value was read on the host (a device synchronisation), anywhere in
+    Lightning's loop, from the batch's start to the next one's (the progress bar's metric updates included)."""
 
-    def training_step(batch, batch_idx):
-        read, saved = [], {k: getattr(torch.Tensor, k) for k in methods}
+    METHODS = ("__bool__", "item", "tolist", "__float__", "__int__", "__index__")
 
-        def recording(name):
-            def method(t, *args):
-                read.append(name)
-                return saved[name](t, *args)
-            return method
+    def __init__(self):
+        self.reads: dict[int, int] = {}
+        self._iteration, self._saved = 0, {}
 
-        for k in methods:
-            setattr(torch.Tensor, k, recording(k))
-        try:
-            step(batch, batch_idx)
-        finally:
-            for k, v in saved.items():
-                setattr(torch.Tensor, k, v)
-        steps.append((module.iteration, bool(read)))
+    def on_train_start(self, trainer, pl_module):
+        self._saved = {k: getattr(torch.Tensor, k) for k in self.METHODS}
+        for k in self.METHODS:
+            setattr(torch.Tensor, k, self._recording(k))
 
-    module.training_step = training_step
-    return steps
+    def _recording(self, name):
+        def method(t, *args):
+            self.reads[self._iteration] = self.reads.get(self._iteration, 0) + 1
+            return self._saved[name](t, *args)
+        return method
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._iteration = pl_module.iteration + 1
+        self.reads.setdefault(self._iteration, 0)
+
+    def on_train_end(self, trainer, pl_module):
+        for k, v in self._saved.items():
+            setattr(torch.Tensor, k, v)
 
 
 @pytest.mark.parametrize("check", CHECKS)
 @pytest.mark.parametrize("model", ["toy", "dmd2 4-step"])
 def test_logging_check_reads_nothing_between_logging_steps(tmp_path, check, model):
-    """Also DMD2 with the GAN and a 4-step generator, whose step index per update is drawn on the host."""
+    """In the whole training loop, with the progress bar on; also DMD2 with the GAN and a 4-step generator, whose
+    step index per update is drawn on the host."""
     m = toy_module(nonfinite=NonFinite(check=check)) if model == "toy" else dmd2(
         steps=(999, 749, 499, 249), nonfinite=NonFinite(check=check))
-    steps = record_host_reads(m)
+    reads = HostReads()
     if model == "toy":
-        fit(m, max_steps=12, tmp_path=tmp_path, log_every_n_steps=3)
-    else:
-        fit_images(m, tmp_path, max_steps=9, log_every_n_steps=3)  # 6 iterations: generator + fake, fake, ...
-    assert len(steps) == 6
+        fit(m, max_steps=12, tmp_path=tmp_path, log_every_n_steps=3, callbacks=[reads], enable_progress_bar=True)
+    else:  # 6 iterations: generator + fake, fake, ...
+        fit_images(m, tmp_path, max_steps=9, log_every_n_steps=3, callbacks=[reads], enable_progress_bar=True)
+    assert sorted(reads.reads) == [1, 2, 3, 4, 5, 6]
     if check == "update":  # the control: a verdict read after every update
-        assert all(read for _, read in steps), steps
+        assert all(reads.reads.values()), reads.reads
     else:
-        assert all(read == (iteration % 3 == 0) for iteration, read in steps), steps
+        assert all(bool(n) == (iteration % 3 == 0) for iteration, n in reads.reads.items()), reads.reads
 
 
 class GradNorms(Callback):

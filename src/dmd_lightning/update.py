@@ -26,7 +26,9 @@ class NonFinite:
     network's weights are non-finite: every later update would be skipped too); `action="stop"` stops training.
     `check="update"` decides on the host after each update (a skipped update does not count towards max_steps);
     `check="logging"` skips on the device without synchronising and reports (and stops) at the next logging step
-    (a skipped update then still counts as a step and advances the lr schedule)."""
+    (a skipped update then still counts as a step and advances the lr schedule); the losses then go to the logger
+    but not to the progress bar, whose metrics Lightning turns into numbers after every batch (a synchronisation
+    each)."""
 
     action: str = "skip"
     max_consecutive: int = 20
@@ -69,7 +71,7 @@ class GuardedUpdate:
         self._bad = {}
         if logs:
             for k, v in terms.items():
-                module.log(f"{self.name}/loss_{k}", v, on_step=True, prog_bar=True)
+                module.log(f"{self.name}/loss_{k}", v, on_step=True, prog_bar=self.policy.check == "update")
             module.log(f"{self.name}/grad_norm", grad_norm, on_step=True)
             module.log(f"{self.name}/lr", sched.get_last_lr()[0], on_step=True)
         where = f"{self.name} update at iteration {module.iteration} (global step {module.global_step})"

@@ -6,12 +6,12 @@ import torch
 from conftest import assert_same_weights, dmd2, fit_images, teacher_v
 from lightning import Trainer
 
-from dmd_lightning import DMDModule
 from dmd_lightning.checkpoint import ModelCheckpoint
 from dmd_lightning.data.stream import DMDDataModule
 from dmd_lightning.errors import ConfigError
 from dmd_lightning.gan import BottleneckClassifier, gan_classifier_loss, gan_generator_loss
 from dmd_lightning.generator import MultiStepGenerator
+from dmd_lightning.update import GuardedUpdate
 
 
 def test_classifier_reads_the_fake_scores_bottleneck_and_its_losses_are_non_saturating():
@@ -51,18 +51,17 @@ def test_the_generators_term_reaches_only_the_samples_also_with_gradient_checkpo
 def test_each_loss_reaches_only_the_networks_it_should(tmp_path, monkeypatch):
     m = dmd2()
     seen = []
-    original = DMDModule._step
+    original = GuardedUpdate.run
 
-    def record(self, opt, sched, net, loss, terms, last):
-        name = "generator" if net is self.generator else "fake_score"
-        others = [p for p in self.parameters() if p.requires_grad and not any(p is q for g in opt.optimizer.param_groups
-                                                                              for q in g["params"])]
-        assert all(p.grad is None for p in others), f"{name}: another network holds gradients before its backward"
-        original(self, opt, sched, net, loss, terms, last)
-        assert all(p.grad is None for p in others), f"{name}'s loss reached another network"
-        seen.append((name, sorted(terms)))
+    def record(self, module, opt, sched, loss, terms, last):
+        others = [p for p in module.parameters() if p.requires_grad and not any(
+            p is q for g in opt.optimizer.param_groups for q in g["params"])]
+        assert all(p.grad is None for p in others), f"{self.name}: another network holds gradients before its backward"
+        original(self, module, opt, sched, loss, terms, last)
+        assert all(p.grad is None for p in others), f"{self.name}'s loss reached another network"
+        seen.append((self.name, sorted(terms)))
 
-    monkeypatch.setattr(DMDModule, "_step", record)
+    monkeypatch.setattr(GuardedUpdate, "run", record)
     fit_images(m, tmp_path, max_steps=3)  # iteration 1: generator + fake score; iteration 2: fake score only
     assert seen == [("generator", ["dm", "gan"]), ("fake_score", ["classifier", "denoising"]),
                     ("fake_score", ["classifier", "denoising"])]

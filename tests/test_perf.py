@@ -1,7 +1,7 @@
 """FLOPs counting, the Throughput callback's figures, and compiled training steps equal to eager ones."""
 
 import torch
-from conftest import RandomImages, assert_same_gradients, teacher_v, toy_optim
+from conftest import RandomImages, assert_same_gradients, dmd2, fit_images, teacher_v, toy_optim
 from lightning import Callback, Trainer
 from lightning.pytorch.loggers import CSVLogger
 
@@ -89,3 +89,11 @@ def test_channels_last_and_tf32_give_the_default_gradients(tmp_path):
     convs = [p for p in m.generator.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] > 1]
     assert convs and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in convs)
     assert_same_gradients(default.grads, fast.grads)
+
+
+def test_throughput_counts_flops_through_the_gans_generator_term(tmp_path):
+    """The GAN's generator term runs a nested autograd.grad in its backward (gan._GradToInputOnly), where the flop
+    counter's module hooks once failed on a leaf input."""
+    m, perf = dmd2(), Throughput(count_iterations=1)
+    fit_images(m, tmp_path, max_steps=3, callbacks=[perf])
+    assert m.iteration == 2 and perf.flops_per_iteration > 0

@@ -236,13 +236,13 @@ def test_sample_writer_decodes_latents_and_keeps_the_prompts(sd, tmp_path, suffi
 
 def test_sd15_dmd2_config_fits_without_pairs(sd, tmp_path):
     """configs/sd15_dmd2.yaml as is, but for paths and sizes: no pairs are read, the GAN sees real latents of a
-    tiny image folder encoded by the tiny pipeline's VAE."""
+    tiny image folder encoded by the tiny pipeline's VAE; prompts and captions encoded on the device."""
 
     write_real_images(tmp_path / "real", 3)
     real = {"source": str(tmp_path / "real"), "vae": sd["pipe"], "resolution": 64, "cache_dir": str(tmp_path / "rc")}
     model = {"teacher": {"init_args": {"path": sd["pipe"], "embedding_cache": sd["cache"]}}, "evaluator": None}
     data = {"prompts": sd["prompts"], "text_encoder": sd["pipe"], "embedding_cache": sd["cache"], "batch_size": 1,
-            "val_prompts": None, "latent_shape": [4, 8, 8], "real_images": {"init_args": real}}
+            "val_prompts": None, "latent_shape": [4, 8, 8], "real_images": {"init_args": real}, "embed": "device"}
     run, _ = cli_on_tiny("configs/sd15_dmd2.yaml", tmp_path, 3, model, data, log_every_n_steps=1)
     m = run.model
     assert m.dm_loss.guidance_scale == 1.75 and m.optim.generator_lr == m.optim.fake_lr == 1e-5
@@ -250,7 +250,7 @@ def test_sd15_dmd2_config_fits_without_pairs(sd, tmp_path):
     assert run.datamodule.pairs is None and m.iteration == 2  # 3 optimizer steps: generator + fake, then fake
     assert m.gan.generator_weight == 1e-3 and m.gan.classifier_weight == 1e-2
     assert list(m.fake_loss.t_range) == [0.0, 1.0] and m.classifier is not None
-    assert run.datamodule.real.images.shape == (3, 4, 8, 8)
+    assert run.datamodule.real.images.shape == (3, 4, 8, 8) and run.datamodule.text_encoder is not None
     assert torch.isfinite(run.trainer.callback_metrics["fake_score/loss_classifier"])
 
 

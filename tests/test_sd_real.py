@@ -92,12 +92,13 @@ def test_parquet_source_gives_the_folders_latents(sd, tmp_path, monkeypatch):
     assert table.captions == captions and torch.equal(table.images[:], folder.images[:])
 
 
-def data_module(sd, folder, batch_size=2, rank=0, world=1):
+def data_module(sd, folder, batch_size=2, rank=0, world=1, **kw):
     """SDDMDDataModule without pairs, with the real images of `folder`, as rank `rank` of `world` devices."""
     real = RealLatents(str(folder), sd["pipe"], 64, str(folder.parent / "cache"))
-    dm = SDDMDDataModule(None, sd["prompts"], sd["pipe"], embedding_cache=sd["cache"], batch_size=batch_size,
-                         latent_shape=[4, 8, 8], real_images=real)
-    dm.trainer = SimpleNamespace(global_rank=rank, world_size=world, strategy=SimpleNamespace(root_device="cpu"))
+    dm = SDDMDDataModule(None, sd["prompts"], sd["pipe"], **{"embedding_cache": sd["cache"], **kw},
+                         batch_size=batch_size, latent_shape=[4, 8, 8], real_images=real)
+    dm.trainer = SimpleNamespace(global_rank=rank, world_size=world, strategy=SimpleNamespace(root_device="cpu"),
+                                 training=True)
     dm.prepare_data()
     dm.setup("fit")
     return dm
@@ -112,6 +113,21 @@ def test_train_batches_carry_real_latents_with_their_captions(sd, tmp_path):
         i = int((dm.real.images[:].float() - x).flatten(1).abs().sum(1).argmin())
         assert torch.equal(dm.real.images[i].float(), x)
         torch.testing.assert_close(cond, embed(sd, [captions[i]])[0], rtol=0, atol=0)
+
+
+def test_prompts_embedded_on_the_device_equal_the_cached_ones_and_only_validation_prompts_are_cached(sd, tmp_path):
+    """embed="device": token ids in the batch, encoded after the transfer (on_after_batch_transfer) by the text
+    encoder: the same embeddings as the cache's float16 ones, up to their rounding."""
+    write_real_images(tmp_path / "real", 5)
+    cached = data_module(sd, tmp_path / "real", batch_size=3)
+    device = data_module(sd, tmp_path / "real", batch_size=3, embed="device", embedding_cache=str(tmp_path / "pc"))
+    a, b = (dm.train_batch(torch.Generator().manual_seed(4), 1) for dm in (cached, device))
+    assert set(b) == {"z", "cond_ids", "real_x", "real_cond_ids"} and b["cond_ids"].dtype == torch.long
+    b = device.on_after_batch_transfer(b, 0)
+    assert set(b) == set(a) and device.position == 1
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=2e-3, msg=k)
+    assert len(list((tmp_path / "pc").glob("*.safetensors"))) == 1  # the validation prompts only
 
 
 def test_real_stream_resumes_exactly_and_ranks_slice_the_global_batch(sd, tmp_path):

@@ -21,7 +21,7 @@ from dmd_lightning.data.format import PairDataset, PairsError, atomic_write_byte
 from dmd_lightning.data.generation import PairGenerationDataModule, PairGenerator, ShardBatches, make_batch
 from dmd_lightning.data.stream import StreamDataModule
 from dmd_lightning.errors import ConfigError
-from dmd_lightning.sd.model import PromptEmbeddings
+from dmd_lightning.sd.model import PromptEmbeddings, load_text_encoder, tokenize
 from dmd_lightning.sd.real import RealLatents
 
 PROMPTS = "prompts.json"
@@ -177,20 +177,26 @@ class SDDMDDataModule(StreamDataModule):
     `batch_size` real latents per device with their captions' embeddings, drawn uniformly with replacement (as the
     official code's real loader, at the DM batch size). All are drawn from one seeded global stream, so resume and
     DDP see the batches of one uninterrupted process. Validation uses the first `val_size` prompts of
-    `val_prompts` (default: `prompts`), in order, e.g. COCO-30k captions. All embeddings come from
-    PromptEmbeddings' cache and the real latents from theirs (built in prepare_data, memory-mapped in setup).
+    `val_prompts` (default: `prompts`), in order, e.g. COCO-30k captions. The real latents come from their cache
+    (built in prepare_data, memory-mapped in setup). Prompt embeddings, with `embed="cache"`, come from
+    PromptEmbeddings' cache: 118 KB per SD1.5 prompt, fine for tens of thousands of prompts; with
+    `embed="device"` the training batches carry token ids (`cond_ids`, `pair_cond_ids`, `real_cond_ids`) instead,
+    which the frozen text encoder turns into `cond`, ... on the training device after the transfer: for millions
+    of prompts or captions, as the official DMD2 code encodes them. Validation prompts are cached either way.
     Sizes are per device.
     """
 
     def __init__(self, pairs_dir: str | None, prompts: str, text_encoder: str, embedding_cache: str = "runs/prompt_cache",
                  batch_size: int = 8, pair_batch_size: int = 8, val_prompts: str | None = None, val_size: int = 1000,
                  val_batch_size: int = 16, seed: int = 0, expect: dict | None = None,
-                 latent_shape: list[int] = [4, 64, 64], real_images: RealLatents | None = None):
+                 latent_shape: list[int] = [4, 64, 64], real_images: RealLatents | None = None,
+                 embed: Literal["cache", "device"] = "cache"):
         super().__init__()
         self.save_hyperparameters(ignore=["real_images"])
         self.embedder = PromptEmbeddings(text_encoder, embedding_cache)
         self.pairs: LatentPairDataset | None = None
         self.real = real_images
+        self.tokenizer = self.text_encoder = None  # embed="device": loaded in setup
 
     def prompt_lists(self) -> dict[str, list[str]]:
         hp = self.hparams
@@ -202,8 +208,12 @@ class SDDMDDataModule(StreamDataModule):
     def _device(self):
         return self.trainer.strategy.root_device if self.trainer is not None else "cpu"
 
+    def _cached(self, lists: dict[str, list[str]]) -> dict[str, list[str]]:
+        """The prompt lists whose embeddings are cached: all, or with embed="device" the validation prompts."""
+        return lists if self.hparams.embed == "cache" else {"val": lists["val"]}
+
     def prepare_data(self) -> None:
-        for prompts in self.prompt_lists().values():
+        for prompts in self._cached(self.prompt_lists()).values():
             if prompts:
                 self.embedder.build(prompts, self._device())
 
@@ -214,7 +224,10 @@ class SDDMDDataModule(StreamDataModule):
         if self.hparams.pairs_dir is not None:
             self.pairs = LatentPairDataset(self.hparams.pairs_dir, expect=self.hparams.expect)
         self.val_prompts = lists["val"]
-        self.embeddings = {k: self.embedder.load(v, self._device()) for k, v in lists.items()}
+        self.embeddings = {k: self.embedder.load(v, self._device()) for k, v in self._cached(lists).items()}
+        if self.hparams.embed == "device":
+            self.prompts = lists
+            self.tokenizer, self.text_encoder = load_text_encoder(self.hparams.text_encoder)
         if self.real is not None and tuple(self.real.images.shape[1:]) != self.sample_shape:
             raise ConfigError(f"real latents of shape {tuple(self.real.images.shape[1:])} (resolution "
                               f"{self.real.resolution}) but samples of shape {self.sample_shape}: set real_images' "
@@ -224,16 +237,37 @@ class SDDMDDataModule(StreamDataModule):
         """A global batch for `world` devices: latent noise with random prompts, regression pairs, real latents."""
         n, m = self.hparams.batch_size * world, self.hparams.pair_batch_size * world
         z = torch.randn(n, *self.sample_shape, generator=g)
-        prompt = torch.randint(0, len(self.embeddings["train"]), (n,), generator=g)
-        out = {"z": z, "cond": self.embeddings["train"][prompt].float()}
+        prompt = torch.randint(0, self._count("train"), (n,), generator=g)
+        out = {"z": z, **self._cond("cond", "train", prompt)}
         if self.pairs is not None:
             idx = torch.randint(0, len(self.pairs), (m,), generator=g)
             out.update(pair_z=self.pairs.noise[idx].float(), pair_x=self.pairs.x[idx].float(),
-                       pair_cond=self.embeddings["pairs"][self.pairs.prompt_index[idx]].float())
+                       **self._cond("pair_cond", "pairs", self.pairs.prompt_index[idx]))
         if self.real is not None:  # drawn last: runs without real images keep their streams
             idx = torch.randint(0, len(self.real.images), (n,), generator=g)
-            out.update(real_x=self.real.images[idx].float(), real_cond=self.embeddings["real"][idx].float())
+            out.update(real_x=self.real.images[idx].float(), **self._cond("real_cond", "real", idx))
         return out
+
+    def _count(self, kind: str) -> int:
+        return len(self.embeddings[kind]) if self.hparams.embed == "cache" else len(self.prompts[kind])
+
+    def _cond(self, key: str, kind: str, index: Tensor) -> dict[str, Tensor]:
+        """{key: the cached embeddings of prompts `index` of list `kind`}, or with embed="device" {key_ids: their
+        token ids}."""
+        if self.hparams.embed == "cache":
+            return {key: self.embeddings[kind][index].float()}
+        return {f"{key}_ids": tokenize(self.tokenizer, [self.prompts[kind][i] for i in index.tolist()])}
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """embed="device": each `*_ids` entry encoded by the text encoder on the batch's device."""
+        batch = super().on_after_batch_transfer(batch, dataloader_idx)
+        for key in [k for k in batch if k.endswith("_ids")]:
+            ids = batch.pop(key)
+            if next(self.text_encoder.parameters()).device != ids.device:
+                self.text_encoder.to(ids.device)
+            with torch.no_grad():
+                batch[key.removesuffix("_ids")] = self.text_encoder(ids)[0].float()
+        return batch
 
     @property
     def sample_shape(self) -> tuple[int, ...]:

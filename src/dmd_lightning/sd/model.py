@@ -35,6 +35,12 @@ def load_text_encoder(path: str):
     return tokenizer, encoder.requires_grad_(False).eval()
 
 
+def tokenize(tokenizer, prompts: list[str]) -> Tensor:
+    """(N, L) token ids, padded and truncated to the tokenizer's max length, as StableDiffusionPipeline does."""
+    return tokenizer(list(prompts), padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                     return_tensors="pt").input_ids
+
+
 @torch.no_grad()
 def encode_prompts(tokenizer, text_encoder: nn.Module, prompts: list[str], batch_size: int = 64) -> Tensor:
     """(N, L, D) last hidden states of the CLIP text encoder, as StableDiffusionPipeline.encode_prompt computes
@@ -42,8 +48,7 @@ def encode_prompts(tokenizer, text_encoder: nn.Module, prompts: list[str], batch
     device = next(text_encoder.parameters()).device
     out = []
     for start in range(0, len(prompts), batch_size):
-        ids = tokenizer(prompts[start:start + batch_size], padding="max_length", truncation=True,
-                        max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+        ids = tokenize(tokenizer, prompts[start:start + batch_size])
         out.append(text_encoder(ids.to(device))[0].float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
 

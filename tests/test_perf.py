@@ -1,5 +1,6 @@
 """FLOPs counting, the Throughput callback's figures, and compiled training steps equal to eager ones."""
 
+import pytest
 import torch
 from conftest import RandomImages, assert_same_gradients, dmd2, fit_images, teacher_v, toy_optim
 from lightning import Callback, Trainer
@@ -24,10 +25,10 @@ def module(**kw) -> DMDModule:
     return DMDModule(teacher_v(), regression_loss=None, optim=toy_optim(warmup_steps=0), **kw)
 
 
-def fit(m, tmp_path, max_steps, callbacks, logger=False):
+def fit(m, tmp_path, max_steps, callbacks, logger=False, precision="32-true"):
     trainer = Trainer(max_steps=max_steps, logger=logger, enable_progress_bar=False, enable_model_summary=False,
                       default_root_dir=tmp_path, limit_val_batches=0, accelerator="cpu", callbacks=callbacks,
-                      log_every_n_steps=2, enable_checkpointing=False)
+                      log_every_n_steps=2, enable_checkpointing=False, precision=precision)
     trainer.fit(m, datamodule=DMDDataModule(None, batch_size=4, real_images=RandomImages(), val_size=8))
     return trainer
 
@@ -78,17 +79,28 @@ def test_the_generator_compiles_its_denoisers_unet_with_the_configured_mode(monk
     assert all(kw == {"backend": "aot_eager", "mode": "reduce-overhead"} for _, kw in compiled)
 
 
-def test_channels_last_and_tf32_give_the_default_gradients(tmp_path):
-    """FastMath on the CPU: the same gradients (GroupNorm with channels-last weights has had silent gradient bugs;
-    TF32 changes nothing on a CPU, so this checks channels-last and that the callback leaves the method alone)."""
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_channels_last_and_tf32_give_the_default_gradients(tmp_path, precision):
+    """FastMath on the CPU: the same gradients (GroupNorm with channels-last weights, in bf16 too, has had silent
+    gradient bugs; TF32 changes nothing on a CPU, so this checks channels-last and that the callback leaves the
+    method alone). On the CPU's kernels only: the GPU's are another matter."""
     default, fast = FirstGradients(), FirstGradients()
-    fit(module(), tmp_path / "default", max_steps=2, callbacks=[default])
+    fit(module(), tmp_path / "default", max_steps=2, callbacks=[default], precision=precision)
     m = module()
-    fit(m, tmp_path / "fast", max_steps=2, callbacks=[fast, FastMath(tf32=True, channels_last=True)])
+    fit(m, tmp_path / "fast", max_steps=2, callbacks=[fast, FastMath(tf32=True, channels_last=True)],
+        precision=precision)
     assert torch.get_float32_matmul_precision() == "highest"  # the process-wide setting restored at the end
     convs = [p for p in m.generator.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] > 1]
     assert convs and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in convs)
-    assert_same_gradients(default.grads, fast.grads)
+    if precision == "32-true":
+        assert_same_gradients(default.grads, fast.grads)
+        return
+    # bf16 rounds differently in each memory layout: per parameter, a difference small next to its gradient (or,
+    # where the method makes the gradient ~0, as for attention key biases, next to a typical one)
+    for step, (a, b) in enumerate(zip(default.grads, fast.grads)):
+        typical = torch.stack([v.norm() for v in a.values()]).median()
+        for k in a:
+            assert (a[k] - b[k]).norm() <= 3e-2 * a[k].norm() + 1e-2 * typical, f"{k} at step {step}"
 
 
 def test_throughput_counts_flops_through_the_gans_generator_term(tmp_path):

@@ -109,7 +109,7 @@ def main() -> None:
             rows.append(eager)
             if not a.no_compile:
                 compiled = measure(config, b, ckpt, a.iterations, a.warmup, compile=True, compile_mode=a.compile_mode)
-                compiled["flops"] = eager["flops"]  # the same math; FlopCounterMode does not see into compiled graphs
+                compiled["flops"] = eager["flops"]  # the same math (its Throughput is left out: it is not timed)
                 rows.append(compiled)
             for r in rows[-1 if a.no_compile else -2:]:
                 s, f = r["s_per_iteration"], r["flops"]

@@ -19,6 +19,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from dmd_lightning.checkpoint import CheckpointIO, Stopped, find_last_checkpoint, load_checkpoint_file
 from dmd_lightning.errors import CheckpointError, ConfigError, DataNotFoundError, NonFiniteError
 from dmd_lightning.quiet import quiet
+from dmd_lightning.state import upgrade_hparams
 
 
 class DMDTrainer(Trainer):
@@ -95,10 +96,12 @@ class DMDCLI(LightningCLI):
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not path or not os.path.isfile(path):
             return
-        hparams = dict(load_checkpoint_file(path).get("hyper_parameters") or {})
         init_args = self.config[subcommand].get("model", {}).get("init_args")
+        if init_args is None:
+            return
+        hparams = upgrade_hparams(load_checkpoint_file(path).get("hyper_parameters") or {}, init_args)
         for key, value in hparams.items():
-            if init_args is not None and key in init_args and not key.startswith("_"):
+            if key in init_args and not key.startswith("_"):
                 init_args[key] = value
 
     def instantiate_trainer(self, **kwargs) -> Trainer:

@@ -45,7 +45,7 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes th
 
 
 def compile_target(net: nn.Module) -> nn.Module:
-    """What compile_networks compiles in `net`: its diffusers UNet (a denoiser's, or that of a generator's denoiser,
+    """What Compilation.apply compiles in `net`: its diffusers UNet (a denoiser's, or that of a generator's denoiser,
     whose training calls go through `step`, not `forward`), else the network itself."""
     for owner in (net, getattr(net, "denoiser", None)):
         if isinstance(getattr(owner, "unet", None), nn.Module):

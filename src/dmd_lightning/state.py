@@ -53,6 +53,20 @@ def load_state(module, checkpoint: dict) -> dict | None:
     return rng if rng is not None and rng["noise"] is not None else None
 
 
+def upgrade_hparams(hparams: dict, init_args) -> dict:
+    """A checkpoint's hyper-parameters in today's DMDModule arguments: `compile` was a bool (with `compile_backend`)
+    before it became a Compilation, `on_nonfinite` and `max_consecutive_skips` before NonFinite. `init_args`: the
+    configured model's; a model whose `compile` is a bool (the teacher's) keeps its own."""
+    hp = dict(hparams)
+    if isinstance(hp.get("compile"), bool) and not isinstance(init_args.get("compile"), bool):
+        backend = hp.pop("compile_backend", "inductor")
+        hp["compile"] = {"backend": backend, "mode": None} if hp["compile"] else None
+    if "on_nonfinite" in hp and "nonfinite" in init_args:
+        hp["nonfinite"] = {"action": hp.pop("on_nonfinite"), "max_consecutive": hp.pop("max_consecutive_skips", 20),
+                           "check": "update"}
+    return hp
+
+
 def restore_rng(module, rng: dict) -> None:
     """The RNG states load_state returned, set before the first training step after a resume (not when the
     checkpoint loads: the data loaders' set-up still draws numbers after that)."""

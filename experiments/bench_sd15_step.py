@@ -8,7 +8,8 @@ included. FLOPs per iteration: counted with torch.utils.flop_counter on the eage
 (perf.Throughput), the same for the compiled one; with gradient checkpointing they include the recomputed
 forward passes (hardware FLOPs, a little above the model's). MFU against the card's dense bf16 peak (Lightning's
 table).
-python experiments/bench_sd15_step.py [--tiny] [--batch-sizes 1 4 8 16] [--no-compile] [--no-checkpointing-too]
+python experiments/bench_sd15_step.py [--tiny] [--batch-sizes 1 4 8 16] [--no-compile] [--compile-mode reduce-overhead]
+    [--no-checkpointing-too]
 """
 
 from __future__ import annotations

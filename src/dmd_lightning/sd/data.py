@@ -196,7 +196,7 @@ class SDDMDDataModule(StreamDataModule):
         self.embedder = PromptEmbeddings(text_encoder, embedding_cache)
         self.pairs: LatentPairDataset | None = None
         self.real = real_images
-        self.tokenizer = self.text_encoder = None  # embed="device": loaded in setup
+        self.tokenizer = self.text_encoder = None  # embed="device": loaded with the first training batch
 
     def prompt_lists(self) -> dict[str, list[str]]:
         hp = self.hparams
@@ -225,9 +225,7 @@ class SDDMDDataModule(StreamDataModule):
             self.pairs = LatentPairDataset(self.hparams.pairs_dir, expect=self.hparams.expect)
         self.val_prompts = lists["val"]
         self.embeddings = {k: self.embedder.load(v, self._device()) for k, v in self._cached(lists).items()}
-        if self.hparams.embed == "device":
-            self.prompts = lists
-            self.tokenizer, self.text_encoder = load_text_encoder(self.hparams.text_encoder)
+        self.prompts = lists
         if self.real is not None and tuple(self.real.images.shape[1:]) != self.sample_shape:
             raise ConfigError(f"real latents of shape {tuple(self.real.images.shape[1:])} (resolution "
                               f"{self.real.resolution}) but samples of shape {self.sample_shape}: set real_images' "
@@ -256,6 +254,8 @@ class SDDMDDataModule(StreamDataModule):
         token ids}."""
         if self.hparams.embed == "cache":
             return {key: self.embeddings[kind][index].float()}
+        if self.tokenizer is None:  # not at start-up: `dmd validate` and `predict` never need it
+            self.tokenizer, self.text_encoder = load_text_encoder(self.hparams.text_encoder)
         return {f"{key}_ids": tokenize(self.tokenizer, [self.prompts[kind][i] for i in index.tolist()])}
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):

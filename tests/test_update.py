@@ -115,6 +115,9 @@ class HostReads(Callback):
         for k, v in self._saved.items():
             setattr(torch.Tensor, k, v)
 
+    def on_exception(self, trainer, pl_module, exception):
+        self.on_train_end(trainer, pl_module)
+
 
 @pytest.mark.parametrize("check", CHECKS)
 @pytest.mark.parametrize("model", ["toy", "dmd2 4-step"])

@@ -235,7 +235,7 @@ class SDDMDDataModule(StreamDataModule):
         """A global batch for `world` devices: latent noise with random prompts, regression pairs, real latents."""
         n, m = self.hparams.batch_size * world, self.hparams.pair_batch_size * world
         z = torch.randn(n, *self.sample_shape, generator=g)
-        prompt = torch.randint(0, self._count("train"), (n,), generator=g)
+        prompt = torch.randint(0, len(self.prompts["train"]), (n,), generator=g)
         out = {"z": z, **self._cond("cond", "train", prompt)}
         if self.pairs is not None:
             idx = torch.randint(0, len(self.pairs), (m,), generator=g)
@@ -245,9 +245,6 @@ class SDDMDDataModule(StreamDataModule):
             idx = torch.randint(0, len(self.real.images), (n,), generator=g)
             out.update(real_x=self.real.images[idx].float(), **self._cond("real_cond", "real", idx))
         return out
-
-    def _count(self, kind: str) -> int:
-        return len(self.embeddings[kind]) if self.hparams.embed == "cache" else len(self.prompts[kind])
 
     def _cond(self, key: str, kind: str, index: Tensor) -> dict[str, Tensor]:
         """{key: the cached embeddings of prompts `index` of list `kind`}, or with embed="device" {key_ids: their

@@ -3,13 +3,14 @@ generator with backward simulation; which loss reaches which network; exact resu
 
 import pytest
 import torch
-from conftest import assert_same_weights, dmd2, fit_images, teacher_v
+from conftest import assert_same_weights, dmd2, fit_images, teacher_v, tiny_unet
 from lightning import Trainer
 
+from dmd_lightning import UNetDenoiser, VPSchedule
 from dmd_lightning.checkpoint import ModelCheckpoint
 from dmd_lightning.data.stream import DMDDataModule
 from dmd_lightning.errors import ConfigError
-from dmd_lightning.gan import BottleneckClassifier, gan_classifier_loss, gan_generator_loss
+from dmd_lightning.gan import BottleneckClassifier, gan_classifier_loss, gan_generator_loss, unet_bottleneck
 from dmd_lightning.generator import MultiStepGenerator
 from dmd_lightning.update import GuardedUpdate
 
@@ -24,11 +25,54 @@ def test_classifier_reads_the_fake_scores_bottleneck_and_its_losses_are_non_satu
     assert logits.shape == (3,)
     logits.sum().backward()  # the classifier's gradient reaches the fake-score backbone (DMD2)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.fake_score.unet.mid_block.parameters())
-    assert all(p.grad is None for p in m.fake_score.unet.up_blocks.parameters())  # the forward stopped at the bottleneck
+    assert all(p.grad is None for p in m.fake_score.unet.up_blocks.parameters())  # no decoder pass
     zero = torch.zeros(4)
     torch.testing.assert_close(gan_generator_loss(zero), torch.log(torch.tensor(2.0)))
     torch.testing.assert_close(gan_classifier_loss(torch.full((4,), 20.0), torch.full((4,), -20.0)),
                                torch.tensor(0.0), atol=1e-8, rtol=0)
+
+
+def text_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4)
+
+
+@pytest.mark.parametrize("kind", ["class labels", "centred input", "text"])
+def test_the_bottleneck_is_what_a_full_pass_computes_at_the_middle_block(kind):
+    """unet_bottleneck runs the UNet's encoder half by its modules: the same features as the middle block's output in
+    the UNet's own forward pass, caught here by a hook."""
+    torch.manual_seed(0)
+    if kind == "text":
+        unet, x, cond = text_unet(), torch.randn(3, 4, 8, 8), torch.randn(3, 5, 16)
+    else:
+        unet, x, cond = tiny_unet()[0], torch.randn(3, 1, 16, 16), torch.tensor([1, 2, 10])
+        if kind == "centred input":
+            unet.register_to_config(center_input_sample=True)
+    denoiser, t = UNetDenoiser(unet, VPSchedule()), torch.tensor([10.0, 500.0, 999.0])
+    caught = []
+    unet.mid_block.register_forward_hook(lambda module, inputs, output: caught.append(output))
+    denoiser(x, t, cond)
+    features = unet_bottleneck(denoiser, x, t, cond)
+    assert features.shape == caught[0].shape and features.shape[1] == 16
+    torch.testing.assert_close(features, caught[0], rtol=0, atol=0)
+
+
+def test_unets_whose_encoder_half_is_not_reproduced_are_refused():
+    from diffusers import UNet2DModel
+
+    skip = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16), norm_num_groups=4,
+                       down_block_types=("SkipDownBlock2D", "DownBlock2D"), layers_per_block=1, attention_head_dim=8,
+                       up_block_types=("UpBlock2D", "SkipUpBlock2D"))
+    with pytest.raises(ConfigError, match="skip down blocks"):
+        BottleneckClassifier(UNetDenoiser(skip, VPSchedule()))
+    unet = text_unet()
+    unet.register_to_config(addition_embed_type="text")
+    with pytest.raises(ConfigError, match="addition_embed_type text"):
+        BottleneckClassifier(UNetDenoiser(unet, VPSchedule()))
 
 
 def test_the_generators_term_reaches_only_the_samples_also_with_gradient_checkpointing():

@@ -67,7 +67,7 @@ class UNetDenoiser(Denoiser):
         return self.schedule.to_x0(self.predict(x_t, t, cond).float(), x_t.float(), t)
 
     def predict(self, x_t: Tensor, t: Tensor, cond=None) -> Tensor:
-        t = t.reshape(-1).expand(x_t.shape[0])
+        t = t.reshape(-1).expand(x_t.shape[0]).contiguous()  # one layout for one t and for a t per sample (compile)
         if self.text_conditional:
             return self.unet(x_t, t, encoder_hidden_states=cond).sample
         return self.unet(x_t, t, class_labels=cond).sample

@@ -1,9 +1,10 @@
 """DMD2's GAN (Yin et al. 2024b, Sec. 4.3): a classifier on the fake score's bottleneck features tells real
 images from generator samples, both noised at the same t; its gradient also trains the fake-score backbone.
 
-The features are those of the fake-score UNet's middle block during a forward pass at (x_t, t), caught by a
-forward hook, so the fake score needs no second network. The losses are the non-saturating ones of the paper:
-the generator minimises softplus(-D(fake)), the classifier softplus(D(fake)) + softplus(-D(real)).
+The features are the fake-score UNet's middle-block output at (x_t, t), computed by the UNet's own encoder half
+(`unet_bottleneck`), so the fake score needs no second network and the decoder half is never run. The losses are the
+non-saturating ones of the paper: the generator minimises softplus(-D(fake)), the classifier softplus(D(fake)) +
+softplus(-D(real)).
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ class BottleneckClassifier(nn.Module):
     def __init__(self, denoiser: Denoiser, hidden: int | None = None):
         super().__init__()
         unet = getattr(denoiser, "unet", None)
-        if getattr(unet, "mid_block", None) is None:
-            raise ConfigError("the GAN classifier needs a fake score built on a diffusers UNet with a mid_block")
+        if not isinstance(unet, nn.Module):
+            raise ConfigError("the GAN classifier needs a fake score built on a diffusers UNet")
+        check_bottleneck(unet)
         channels = unet.config["block_out_channels"][-1]
         hidden = hidden or channels
         self.head = nn.Sequential(nn.Conv2d(channels, hidden, 3, stride=2, padding=1),
@@ -48,20 +50,54 @@ class BottleneckClassifier(nn.Module):
         return self._logits(denoiser, x_t, t, cond)
 
     def _logits(self, denoiser: Denoiser, x_t: Tensor, t: Tensor, cond) -> Tensor:
-        caught = []
+        return self.head(unet_bottleneck(denoiser, x_t, t, cond).float()).squeeze(1)
 
-        def catch(module, inputs, output):
-            caught.append(output)
-            raise _Caught  # the up-sampling half is not needed: stop the forward pass here
+    def compile(self, backend: str = "inductor", mode: str | None = None) -> None:
+        """torch.compile for the logits' pass (the fake score's encoder half and this head), as perf.Compilation
+        compiles the networks: the encoder's blocks are the fake score's own modules, which the fake score's compiled
+        forward never sees."""
+        self._logits = torch.compile(self._logits, backend=backend, mode=mode)
 
-        hook = denoiser.unet.mid_block.register_forward_hook(catch)
-        try:
-            denoiser(x_t, t, cond)
-        except _Caught:
-            pass
-        finally:
-            hook.remove()
-        return self.head(caught[0].float()).squeeze(1)
+
+def unet_bottleneck(denoiser: Denoiser, x_t: Tensor, t: Tensor, cond=None) -> Tensor:
+    """The middle block's output of `denoiser`'s diffusers UNet at (x_t, t, cond), the UNet's forward pass up to there:
+    time (and class) embedding, conv_in, down blocks, middle block; a text-conditional UNet's cross-attention reads
+    cond. Equal to what a hook on the middle block catches in a full pass (tested), without the decoder half and
+    without stopping the pass by an exception, which torch.compile cannot trace."""
+    unet = denoiser.unet
+    t = t.reshape(-1).expand(x_t.shape[0])
+    text = {"encoder_hidden_states": cond} if denoiser.text_conditional else {}
+    if unet.config.get("center_input_sample"):
+        x_t = 2 * x_t - 1.0
+    if text:
+        emb = unet.time_embedding(unet.get_time_embed(sample=x_t, timestep=t))
+        if unet.time_embed_act is not None:
+            emb = unet.time_embed_act(emb)
+    else:
+        emb = unet.time_embedding(unet.time_proj(t).to(unet.dtype))
+        if unet.class_embedding is not None:
+            labels = unet.time_proj(cond) if unet.config.get("class_embed_type") == "timestep" else cond
+            emb = emb + unet.class_embedding(labels).to(unet.dtype)
+    h = unet.conv_in(x_t)
+    for block in unet.down_blocks:
+        h, _ = block(h, emb, **text) if getattr(block, "has_cross_attention", False) else block(h, emb)
+    mid = unet.mid_block
+    return mid(h, emb, **text) if getattr(mid, "has_cross_attention", False) else mid(h, emb)
+
+
+def check_bottleneck(unet: nn.Module) -> None:
+    """ConfigError for UNets whose encoder half unet_bottleneck does not reproduce: no middle block, down blocks with
+    skip connections of their own, extra embeddings of a text-conditional UNet."""
+    config = unet.config
+    unsupported = [getattr(unet, "mid_block", None) is None and "no mid_block",
+                   any(hasattr(b, "skip_conv") for b in getattr(unet, "down_blocks", [])) and "skip down blocks",
+                   bool(config.get("addition_embed_type")) and f"addition_embed_type {config['addition_embed_type']}",
+                   "cross_attention_dim" in config and getattr(unet, "class_embedding", None) is not None
+                   and "class embeddings in a text-conditional UNet",
+                   getattr(unet, "encoder_hid_proj", None) is not None and "encoder_hid_proj"]
+    if any(unsupported):
+        raise ConfigError("the GAN classifier needs a fake score built on a diffusers UNet2DModel or "
+                          f"UNet2DConditionModel with a mid_block; this one has {', '.join(filter(None, unsupported))}")
 
 
 class _GradToInputOnly(torch.autograd.Function):
@@ -82,10 +118,6 @@ class _GradToInputOnly(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         return torch.autograd.grad(ctx.y, ctx.x, grad)[0], None
-
-
-class _Caught(Exception):
-    pass
 
 
 def gan_generator_loss(logits_fake: Tensor) -> Tensor:

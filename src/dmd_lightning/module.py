@@ -99,9 +99,11 @@ class DMDModule(LightningModule):
         return self
 
     def configure_model(self) -> None:
-        """`compile`: the networks (not this module) compiled in place (perf.Compilation)."""
+        """`compile`: the networks (not this module) compiled in place (perf.Compilation); the GAN classifier's pass
+        through the fake score's encoder half too."""
         if self.compilation is not None and not getattr(self, "_compiled", False):
-            self.compilation.apply((self.generator, self.fake_score, self.teacher))
+            nets = (self.generator, self.fake_score, self.teacher, self.classifier)
+            self.compilation.apply(net for net in nets if net is not None)
             self._compiled = True
 
     def setup(self, stage: str) -> None:

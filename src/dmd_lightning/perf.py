@@ -58,14 +58,22 @@ class Compilation:
     """torch.compile for the networks, not the LightningModule: each network's compile_target compiled in place
     (parameters and state-dict keys unchanged) with `backend` ("aot_eager" captures the graphs without generating
     code: tests) and `mode` ("reduce-overhead": CUDA graphs where shapes are static). Nothing flips requires_grad
-    between DMD's phases, so nothing recompiles. A CUDA graph's outputs live until the next replay of that graph:
-    the denoisers' x0 conversion (outside the compiled UNet) copies them, and each training step starts with
-    `step_begin`."""
+    between DMD's phases. A CUDA graph's outputs live until the next replay of that graph: the denoisers' x0
+    conversion (outside the compiled UNet) copies them, and each training step starts with `step_begin`.
+
+    torch keeps one cache of graphs per function, here shared by every UNet of a class: teacher, fake score,
+    generator and its EMA, called with and without gradient, in train and eval mode, at training and validation
+    batch sizes. A DMD2 fit with validation makes about 8 graphs of the UNet's forward, torch's default limit, past
+    which it runs eager with only a warning; `recompile_limit` raises it."""
 
     backend: str = "inductor"
     mode: str | None = None
+    recompile_limit: int = 32
 
     def apply(self, nets) -> None:
+        import torch._dynamo.config
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, self.recompile_limit)
         for net in nets:
             compile_target(net).compile(backend=self.backend, mode=self.mode)
 

@@ -4,8 +4,11 @@ python experiments/fmnist_summary.py teacher PAIRS_DIR OUT_JSON        FID/KID o
 python experiments/fmnist_summary.py grid PAIRS_DIR OUT_PNG RUN_DIR...  rows: teacher (the pairs' sampler), then each
                                                                    run's EMA generator; same seeds and labels
 python experiments/fmnist_summary.py table WORK                        markdown: the runs of experiments/fmnist_results.sh
-                                                                   (WORK/runs/*/result.json, the FID curve from
-                                                                   their TensorBoard events) beside the teacher
+                                                                   or fmnist_dmd2_results.sh (WORK/runs/*/result.json,
+                                                                   the FID curve from their TensorBoard events) beside
+                                                                   the teacher (WORK/teacher_pairs.json, if any)
+python experiments/fmnist_summary.py curves OUT_PNG RUN_DIR...         EMA FID on the validation seeds against iterations,
+                                                                   one line per run (needs matplotlib)
 """
 
 from __future__ import annotations
@@ -79,21 +82,42 @@ def fid_curve(run_dir: Path) -> list[tuple[int, float]]:
 
 def table(work: str) -> str:
     work = Path(work)
-    t = json.loads((work / "teacher_pairs.json").read_text())
-    lines = ["| model | iterations | FID (report seeds) | KID | FID (validation seeds) | / teacher | EMA FID every 100 iterations |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
-             f"| teacher, {t['sampler']} {t['num_steps']} steps (its pairs) | | {t['fid']:.2f} | {t['kid']:.4f} | | 1.00 | |"]
+    pairs = work / "teacher_pairs.json"
+    t = json.loads(pairs.read_text()) if pairs.is_file() else None
+    lines = ["| model | iterations | FID (report seeds) | KID | FID (validation seeds) | / teacher | EMA FID on the way |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    if t:
+        lines.append(f"| teacher, {t['sampler']} {t['num_steps']} steps (its pairs) | | {t['fid']:.2f} | {t['kid']:.4f} "
+                     "| | 1.00 | |")
     for run in sorted((work / "runs").iterdir()):
         if not (run / "result.json").is_file():
             continue
         r = json.loads((run / "result.json").read_text())
-        curve = ", ".join(f"{v:g}" for _, v in fid_curve(run))
+        curve = ", ".join(f"{v:g} ({i})" for i, v in fid_curve(run))
+        ratio = f"{r['test/fid'] / t['fid']:.2f}" if t else ""
         lines.append(f"| {run.name} | {r['iterations']} | {r['test/fid']:.2f} | {r['test/kid']:.4f} | {r['val/fid']:.2f} "
-                     f"| {r['test/fid'] / t['fid']:.2f} | {curve} |")
+                     f"| {ratio} | {curve} |")
     text = "\n".join(lines)
     print(text)
     return text
 
 
+def curves(out_png: str, *run_dirs: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for run in map(Path, run_dirs):
+        its, fids = zip(*fid_curve(run))
+        ax.plot(its, fids, marker="o", label=run.name)
+    ax.set(xlabel="iteration", ylabel="FID (EMA generator, validation seeds)", yscale="log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+
+
 if __name__ == "__main__":
-    {"teacher": teacher, "grid": grid, "table": table}[sys.argv[1]](*sys.argv[2:])
+    {"teacher": teacher, "grid": grid, "table": table, "curves": curves}[sys.argv[1]](*sys.argv[2:])

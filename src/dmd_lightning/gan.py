@@ -88,7 +88,7 @@ def unet_bottleneck(denoiser: Denoiser, x_t: Tensor, t: Tensor, cond=None) -> Te
 def check_bottleneck(unet: nn.Module) -> None:
     """ConfigError for UNets whose encoder half unet_bottleneck does not reproduce: no middle block, down blocks with
     skip connections of their own, extra embeddings of a text-conditional UNet."""
-    config = unet.config
+    config = getattr(unet, "config", {})
     unsupported = [getattr(unet, "mid_block", None) is None and "no mid_block",
                    any(hasattr(b, "skip_conv") for b in getattr(unet, "down_blocks", [])) and "skip down blocks",
                    bool(config.get("addition_embed_type")) and f"addition_embed_type {config['addition_embed_type']}",

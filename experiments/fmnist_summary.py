@@ -1,8 +1,9 @@
 """The teacher's FID from its pairs, and the grid and table of the variants of experiments/fmnist_results.sh.
 
 python experiments/fmnist_summary.py teacher PAIRS_DIR OUT_JSON        FID/KID of the pairs' teacher images
-python experiments/fmnist_summary.py grid PAIRS_DIR OUT_PNG RUN_DIR...  rows: teacher (the pairs' sampler), then each
-                                                                   run's EMA generator; same seeds and labels
+python experiments/fmnist_summary.py grid PAIRS_DIR OUT_PNG RUN_DIR...  rows: teacher (the pairs' sampler; PAIRS_DIR none:
+                                                                   DDIM 50 steps), then each run's EMA generator;
+                                                                   same seeds and labels
 python experiments/fmnist_summary.py table WORK                        markdown: the runs of experiments/fmnist_results.sh
                                                                    or fmnist_dmd2_results.sh (WORK/runs/*/result.json,
                                                                    the FID curve from their TensorBoard events) beside
@@ -23,9 +24,12 @@ import yaml
 from dmd_lightning import PretrainedUNetDenoiser
 from dmd_lightning.data.format import PairDataset
 from dmd_lightning.data.stream import DMDDataModule
+from dmd_lightning.fmnist.data import FashionMNISTImages
 from dmd_lightning.fmnist.fid import FIDEvaluator
 from dmd_lightning.images import to_uint8
 from dmd_lightning.samplers import make_scheduler, sample_ode
+
+TEACHER = {"teacher": "weights/fmnist-teacher", "sampler": "ddim", "num_steps": 50}
 
 
 def config_evaluator() -> FIDEvaluator:
@@ -50,8 +54,11 @@ def teacher(pairs_dir: str, out_json: str) -> dict:
 def grid(pairs_dir: str, out_png: str, *run_dirs: str) -> None:
     from torchvision.utils import save_image
 
-    m = PairDataset(pairs_dir).manifest
-    dm = DMDDataModule(pairs_dir)  # the default validation seeds and labels, as in the runs
+    if pairs_dir == "none":  # DMD2 runs: the shipped teacher with DDIM 50 steps
+        m, dm = TEACHER, DMDDataModule(None, val_seed=1, real_images=FashionMNISTImages())
+    else:
+        m, dm = PairDataset(pairs_dir).manifest, DMDDataModule(pairs_dir)
+    # the validation seeds and labels of the runs (val_seed 1)
     dm.setup("validate")
     b = dm.val_batches()[0]
     rows = [torch.load(Path(run) / "samples.pt", weights_only=True) for run in run_dirs]

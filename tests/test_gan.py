@@ -97,11 +97,11 @@ def test_each_loss_reaches_only_the_networks_it_should(tmp_path, monkeypatch):
     seen = []
     original = GuardedUpdate.run
 
-    def record(self, module, opt, sched, loss, terms, last):
+    def record(self, module, opt, sched, loss, terms, last, **kw):
         others = [p for p in module.parameters() if p.requires_grad and not any(
             p is q for g in opt.optimizer.param_groups for q in g["params"])]
         assert all(p.grad is None for p in others), f"{self.name}: another network holds gradients before its backward"
-        original(self, module, opt, sched, loss, terms, last)
+        original(self, module, opt, sched, loss, terms, last, **kw)
         assert all(p.grad is None for p in others), f"{self.name}'s loss reached another network"
         seen.append((self.name, sorted(terms)))
 

@@ -1,3 +1,4 @@
+import csv
 import math
 
 import pytest
@@ -161,3 +162,25 @@ def test_16_mixed_clips_and_checks_unscaled_gradients_and_the_loss_scale_backs_o
     m, norms, trainer = runs["16-mixed"]
     assert trainer.precision_plugin.scaler.get_scale() < 65536.0
     assert math.isfinite(norms[-1]["generator/grad_norm"])
+
+
+def test_every_network_is_logged_when_the_generator_turn_misses_the_logging_iterations(tmp_path):
+    """Two fake-score updates per generator update, logging every 2nd iteration: the generator updates at iterations
+    1, 3, 5 and Lightning writes at 2, 4, 6. Each logging iteration carries the generator's latest update (loss
+    terms, gradient norm, lr, DM statistics), once, and the fake score's."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    fit_images(dmd2(), tmp_path, max_steps=9, log_every_n_steps=2, logger=CSVLogger(tmp_path, name="log"))
+    rows = list(csv.DictReader(open(next(tmp_path.glob("log/version_*/metrics.csv")))))
+    logged = {k: [float(r["train/iteration"]) for r in rows if r.get(k)] for k in rows[0]}
+    for k in ("generator/loss_dm", "generator/loss_gan", "generator/grad_norm", "generator/lr", "generator/skipped",
+              "dm/weight_mean", "fake_score/loss_denoising", "fake_score/loss_classifier", "fake_score/grad_norm"):
+        assert logged[k] == [2.0, 4.0, 6.0], (k, logged[k])
+
+
+def test_generator_skips_are_read_at_the_first_logging_iteration_after_them(tmp_path):
+    m = toy_module(nonfinite=NonFinite(action="stop", check="logging"), fake_updates_per_generator_update=2)
+    m.regression_loss = NaNLoss()
+    with pytest.raises(NonFiniteError, match="1 generator update.* up to the generator update at iteration 1 "):
+        fit(m, max_steps=40, tmp_path=tmp_path, log_every_n_steps=2)
+    assert m.iteration == 2

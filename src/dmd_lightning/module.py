@@ -143,12 +143,10 @@ class DMDModule(LightningModule):
         # on detached samples), and toggling walks every module.
         if generator_turn:
             x = self._generate(z, cond, update)
-            terms = {}
+            terms, stats = {}, {}
             if self.dm_loss.weight > 0:
                 t, eps = self._draw(x, self.teacher.schedule, self.dm_loss.t_range)
                 terms["dm"], stats = self.dm_loss(x, self.teacher, self.fake_score, cond, t, eps)
-                if self.logs_now:
-                    self.log_dict(stats, on_step=True)
             if self.regression_loss is not None and self.hparams.regression_weight > 0 and "pair_z" in batch:
                 x_reg = self.generator(batch["pair_z"], batch.get("pair_cond"))
                 terms["regression"] = self.regression_loss(x_reg, batch["pair_x"])
@@ -156,7 +154,8 @@ class DMDModule(LightningModule):
                 terms["gan"] = gan_generator_loss(self._logits(x, cond, frozen=True))
             weights = {"dm": self.dm_loss.weight, "regression": self.hparams.regression_weight,
                        "gan": self.gan.generator_weight if self.gan else 0.0}
-            self.updates["generator"].run(self, opt_g, sch_g, sum(weights[k] * v for k, v in terms.items()), terms, last)
+            self.updates["generator"].run(self, opt_g, sch_g, sum(weights[k] * v for k, v in terms.items()), terms, last,
+                                          stats=stats)
             if last:  # after the generator's update, with the number of its updates before
                 self.averager.update(update // self.hparams.fake_updates_per_generator_update)
             x = x.detach()
@@ -172,8 +171,10 @@ class DMDModule(LightningModule):
                                                           self._logits(x, cond))
             loss = terms["denoising"] + (self.gan.classifier_weight * terms["classifier"] if self.gan else 0.0)
             self.updates["fake_score"].run(self, opt_f, sch_f, loss, terms, last)
-        if self.logs_now:
+        if self.logs_now:  # each network's latest update, which need not fall on this iteration
             self.log("train/iteration", float(self.iteration), on_step=True)
+            for name, update in self.updates.items():
+                update.flush(self, getattr(self, name))
 
     @property
     def logs_now(self) -> bool:

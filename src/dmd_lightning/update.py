@@ -5,6 +5,11 @@ The guard reads its verdict (is a loss term or the gradient non-finite?) on the 
 (`check="update"`), a device synchronisation per update, or leaves it on the device (`check="logging"`): the fused
 AdamW then skips a bad update by itself (the `found_inf` tensor torch.amp.GradScaler hands fused optimizers), and
 the host reads how many were skipped only on logging steps.
+
+Lightning writes step metrics on logging iterations only (every `log_every_n_steps`), and with several fake-score
+updates per generator update the generator's turn may never fall on one. So each update keeps what it would log (its
+loss terms, gradient norm, lr and statistics), and `flush`, called by the module on a logging iteration, logs the
+latest values of each network, then clears them.
 """
 
 from __future__ import annotations
@@ -43,12 +48,17 @@ class GuardedUpdate:
         self.skips = 0  # consecutive skipped updates, as the host last knew
         self._bad: dict[str, Tensor] = {}  # per loss term: non-finite in the update in progress (device bools)
         self._pending: dict[str, Tensor] = {}  # check="logging": per term, skipped updates since the last read
+        self._skipped = 0  # check="update": skipped updates since the last flush, on the host
+        self._latest: dict[str, Tensor | float] = {}  # what the latest update logs at the next logging iteration
+        self._where = ""  # the latest update, in words
 
-    def run(self, module, opt, sched, loss: Tensor, terms: dict[str, Tensor], last: bool) -> None:
-        """This micro-batch's backward; on an update's last micro-batch, clip, guard and step."""
+    def run(self, module, opt, sched, loss: Tensor, terms: dict[str, Tensor], last: bool,
+            stats: dict[str, Tensor] | None = None) -> None:
+        """This micro-batch's backward; on an update's last micro-batch, clip, guard and step. `stats`: more values
+        to log with the update's terms (e.g. the DM loss's weighting)."""
         self.backward(module, loss, terms, last)
         if last:
-            self.step(module, opt, sched, getattr(module, self.name), terms, module.logs_now)
+            self.step(module, opt, sched, getattr(module, self.name), terms, stats or {})
 
     def backward(self, module, loss: Tensor, terms: dict[str, Tensor], last: bool) -> None:
         """This micro-batch's share of the update; DDP reduces the gradients once, in the last one's backward."""
@@ -59,8 +69,9 @@ class GuardedUpdate:
             bad = ~torch.isfinite(v.detach())
             self._bad[k] = self._bad[k] | bad if k in self._bad else bad
 
-    def step(self, module, opt, sched, net: nn.Module, terms: dict[str, Tensor], logs: bool) -> None:
-        """Clip, guard and step (the update's last micro-batch); logs the terms, gradient norm and lr when `logs`."""
+    def step(self, module, opt, sched, net: nn.Module, terms: dict[str, Tensor], stats: dict[str, Tensor]) -> None:
+        """Clip, guard and step (the update's last micro-batch); keeps the terms, gradient norm, lr and `stats` for
+        the next `flush`."""
         scaler = getattr(module.trainer.precision_plugin, "scaler", None)
         if scaler is not None:  # 16-mixed: clip and check the true gradients, not the loss-scaled ones
             scaler.unscale_(opt.optimizer)
@@ -69,12 +80,9 @@ class GuardedUpdate:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, module.optim.gradient_clip)
         flags = {**self._bad, "gradient": ~torch.isfinite(grad_norm)}
         self._bad = {}
-        if logs:
-            for k, v in terms.items():
-                module.log(f"{self.name}/loss_{k}", v, on_step=True, prog_bar=self.policy.check == "update")
-            module.log(f"{self.name}/grad_norm", grad_norm, on_step=True)
-            module.log(f"{self.name}/lr", sched.get_last_lr()[0], on_step=True)
-        where = f"{self.name} update at iteration {module.iteration} (global step {module.global_step})"
+        self._latest = {**{f"{self.name}/loss_{k}": v.detach() for k, v in terms.items()},
+                        f"{self.name}/grad_norm": grad_norm, f"{self.name}/lr": sched.get_last_lr()[0], **stats}
+        where = self._where = f"{self.name} update at iteration {module.iteration} (global step {module.global_step})"
         if self.policy.check == "update" or not opt.optimizer.param_groups[0].get("fused"):
             bad = [k for k, v in flags.items() if v]  # host synchronisation
             # every rank must take the same decision, or the replicas drift apart
@@ -82,7 +90,7 @@ class GuardedUpdate:
                 bad.append("loss or gradient on another rank")
             if self._skip(bad, where, net):
                 module.print(f"warning: non-finite {', '.join(bad)} in the {where}; update skipped")
-                module.log(f"{self.name}/skipped", 1.0, on_step=True)
+                self._skipped += 1
                 if scaler is not None and "gradient" in bad:  # GradScaler skips it too, and lowers its loss scale
                     opt.step()
             else:
@@ -102,9 +110,21 @@ class GuardedUpdate:
                 self._pending[k] = self._pending.get(k, 0) + v
             self._pending["any"] = self._pending.get("any", 0) + found_inf
             self._pending["run"] = (self._pending.get("run", 0) + found_inf) * found_inf  # consecutive, on device
-            if logs:
-                self.report(module, net, where)
         opt.zero_grad(set_to_none=True)
+
+    def flush(self, module, net: nn.Module) -> None:
+        """On a logging iteration: the latest update's values and the updates skipped since the last flush (with
+        check="logging" read on the host here, and NonFiniteError per the policy). Nothing if no update ran since."""
+        if not self._latest:
+            return
+        for k, v in self._latest.items():
+            module.log(k, v, on_step=True, prog_bar=self.policy.check == "update" and "/loss_" in k)
+        self._latest = {}
+        if self._pending:
+            self.report(module, net, self._where)
+        else:
+            module.log(f"{self.name}/skipped", float(self._skipped), on_step=True)
+            self._skipped = 0
 
     def report(self, module, net: nn.Module, where: str, log: bool = True) -> None:
         """check="logging": the skips since the last report, read on the host; NonFiniteError per the policy."""

@@ -32,6 +32,12 @@ class Denoiser(nn.Module):
         return None
 
 
+def per_sample(t: Tensor, n: int) -> Tensor:
+    """A timestep per sample, (n,), from one t or n; contiguous, one layout for both (a compiled UNet would otherwise
+    make a graph for each)."""
+    return t.reshape(-1).expand(n).contiguous()
+
+
 def guided(denoiser: Denoiser, x_t: Tensor, t: Tensor, cond=None, guidance_scale: float = 1.0,
            native: bool = False) -> Tensor:
     """Classifier-free guidance (Ho & Salimans 2022): D_u + w (D_c - D_u), one batched pass. In x_0 space, or
@@ -63,11 +69,11 @@ class UNetDenoiser(Denoiser):
         self.register_buffer("null_embedding", null_embedding, persistent=False)
 
     def forward(self, x_t: Tensor, t: Tensor, cond=None) -> Tensor:
-        t = t.reshape(-1).expand(x_t.shape[0])
+        t = per_sample(t, x_t.shape[0])
         return self.schedule.to_x0(self.predict(x_t, t, cond).float(), x_t.float(), t)
 
     def predict(self, x_t: Tensor, t: Tensor, cond=None) -> Tensor:
-        t = t.reshape(-1).expand(x_t.shape[0]).contiguous()  # one layout for one t and for a t per sample (compile)
+        t = per_sample(t, x_t.shape[0])
         if self.text_conditional:
             return self.unet(x_t, t, encoder_hidden_states=cond).sample
         return self.unet(x_t, t, class_labels=cond).sample

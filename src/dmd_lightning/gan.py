@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dmd_lightning.denoisers import Denoiser
+from dmd_lightning.denoisers import Denoiser, per_sample
 from dmd_lightning.errors import ConfigError
 
 
@@ -52,11 +52,11 @@ class BottleneckClassifier(nn.Module):
     def _logits(self, denoiser: Denoiser, x_t: Tensor, t: Tensor, cond) -> Tensor:
         return self.head(unet_bottleneck(denoiser, x_t, t, cond).float()).squeeze(1)
 
-    def compile(self, backend: str = "inductor", mode: str | None = None) -> None:
-        """torch.compile for the logits' pass (the fake score's encoder half and this head), as perf.Compilation
-        compiles the networks: the encoder's blocks are the fake score's own modules, which the fake score's compiled
-        forward never sees."""
-        self._logits = torch.compile(self._logits, backend=backend, mode=mode)
+    def compile(self, *args, **kwargs) -> None:
+        """nn.Module.compile's contract (torch.compile's arguments, in place) for the pass that matters: the logits'
+        (the fake score's encoder half and this head), not `forward`, whose frozen branch wraps it in an autograd
+        Function. The encoder's blocks are the fake score's own modules, which its compiled forward never sees."""
+        self._logits = torch.compile(self._logits, *args, **kwargs)
 
 
 def unet_bottleneck(denoiser: Denoiser, x_t: Tensor, t: Tensor, cond=None) -> Tensor:
@@ -65,7 +65,7 @@ def unet_bottleneck(denoiser: Denoiser, x_t: Tensor, t: Tensor, cond=None) -> Te
     cond. Equal to what a hook on the middle block catches in a full pass (tested), without the decoder half and
     without stopping the pass by an exception, which torch.compile cannot trace."""
     unet = denoiser.unet
-    t = t.reshape(-1).expand(x_t.shape[0])
+    t = per_sample(t, x_t.shape[0])
     text = {"encoder_hidden_states": cond} if denoiser.text_conditional else {}
     if unet.config.get("center_input_sample"):
         x_t = 2 * x_t - 1.0

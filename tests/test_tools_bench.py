@@ -87,6 +87,8 @@ def test_compile_row_times_eager_and_compiled_iterations_and_reports_them():
     case = bench.make_case("tiny", quick=True)
     r = bench.bench_compile(case, repeat=1, warmup=1, backend="aot_eager")
     assert positive(r["eager_s"]) and positive(r["compiled_s"]) and r["ratio"] == r["compiled_s"] / r["eager_s"]
+    r2 = bench.bench_compile(case, repeat=1, warmup=1, backend="aot_eager", dmd2=True)  # GAN, four steps
+    assert positive(r2["eager_s"]) and positive(r2["compiled_s"])
     text = bench.markdown({"tiny": {"one_step": bench.bench_one_step(case, repeat=1, warmup=0),
                                     "dmd_step": {"batch": "2 + 2", "passes_s": {"a": 0.1}, "sum_s": 0.1,
                                                  "step_s": 0.1, "ratio": 1.0, "met": True},
@@ -94,5 +96,7 @@ def test_compile_row_times_eager_and_compiled_iterations_and_reports_them():
                                               "project_images_per_s": 1.0, "reference_images_per_s": 1.0,
                                               "ratio": 1.0, "met": True, "max_abs_diff": 0.0},
                                     "memory": bench.bench_memory("tiny", quick=True),
-                                    "lora": bench.bench_lora(case, rank=2), "compile": r}}, bench.machine())
+                                    "lora": bench.bench_lora(case, rank=2), "compile": r, "compile_dmd2": r2}},
+                          bench.machine())
     assert "6. A DMD iteration with the networks compiled" in text and "| aot_eager |" in text
+    assert "| tiny DMD2 | 2 + 2 | aot_eager |" in text

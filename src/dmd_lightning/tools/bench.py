@@ -7,7 +7,8 @@ beside the ratio of network evaluations (counted by a hook on the UNet: a CFG st
 (2) a DMD training iteration driven by Lightning's Trainer vs the sum of the network passes it needs, each timed
 alone; (3) pair generation by PairGenerator vs diffusers' own loop (DDIMPipeline for unconditional UNets);
 (4) peak memory of a training step with and without gradient checkpointing; (5) the generator's training state
-(parameters, gradients, AdamW state) with LoRA vs full fine-tuning, exact bytes. Every figure is a median after a
+(parameters, gradients, AdamW state) with LoRA vs full fine-tuning, exact bytes; (6) a DMD iteration with the networks
+compiled vs eager, and for fmnist a DMD2 iteration (GAN, four steps) too. Every figure is a median after a
 warm-up. Writes bench.md and bench.json under --out.
 """
 
@@ -27,7 +28,8 @@ from torch.utils.data import DataLoader
 
 from dmd_lightning.data.generation import PairGenerator
 from dmd_lightning.denoisers import guided
-from dmd_lightning.generator import OneStepGenerator
+from dmd_lightning.gan import GANLoss
+from dmd_lightning.generator import MultiStepGenerator, OneStepGenerator
 from dmd_lightning.losses import DMLoss, L2Loss
 from dmd_lightning.module import DMDModule
 from dmd_lightning.optim import Optimization, make_adamw
@@ -104,14 +106,35 @@ def dmd_module(case: Case, checkpointing: bool = False, compile_backend: str | N
                      compile=Compilation(compile_backend) if compile_backend is not None else None)
 
 
-def bench_compile(case: Case, repeat: int = 5, warmup: int = 2, backend: str = "inductor") -> dict:
+def dmd2_batch(case: Case) -> dict:
+    """A DM batch of fresh noise and a batch of 'real' images (noise clamped to [-1, 1]) with their conditions."""
+    b = case.batch
+    batch = {"z": case.noise(b, 1), "real_x": case.noise(b, 2).clamp(-1, 1)}
+    cond, real_cond = case.make_cond(b), case.make_cond(b)
+    return {**batch, **({"cond": cond, "real_cond": real_cond} if cond is not None else {})}
+
+
+def dmd2_module(case: Case, compile_backend: str | None = None, steps=(999, 749, 499, 249)) -> DMDModule:
+    """DMD2 as configs/fmnist_dmd2_4step.yaml trains it (GAN on the fake score's bottleneck, a 4-step generator with
+    backward simulation, no regression), but with one fake-score update per generator update: every timed iteration
+    then runs the same passes (the step index, and so the backward simulation's length, still varies, drawn alike on
+    both sides from the module's noise seeds)."""
+    teacher = copy.deepcopy(case.teacher)
+    return DMDModule(teacher, MultiStepGenerator.from_teacher(teacher, steps), dm_loss=DMLoss(guidance_scale=case.guidance),
+                     regression_loss=None, gan=GANLoss(), fake_updates_per_generator_update=1,
+                     optim=Optimization(warmup_steps=1),
+                     compile=Compilation(compile_backend) if compile_backend is not None else None)
+
+
+def bench_compile(case: Case, repeat: int = 5, warmup: int = 2, backend: str = "inductor", dmd2: bool = False) -> dict:
     """A Trainer-driven DMD iteration with the networks compiled (DMDModule(compile=Compilation())) over the eager one, each
     the median after `warmup` iterations (the compiled side's include compilation, reported as compile_s); below
-    1 is faster. Eager, compiled, eager again: the two eager medians bracket the compiled one against drift."""
-    batch, times = dmd_batch(case), {}
+    1 is faster. Eager, compiled, eager again: the two eager medians bracket the compiled one against drift. dmd2: a
+    DMD2 iteration (dmd2_module) instead of DMD's."""
+    batch, times = (dmd2_batch if dmd2 else dmd_batch)(case), {}
     for side, compiled in (("eager", False), ("compiled", True), ("eager_again", False)):
         torch.compiler.reset()  # the graph cache is per code object: one model's graphs must not crowd another's
-        module = dmd_module(case, compile_backend=backend if compiled else None)
+        module = (dmd2_module if dmd2 else dmd_module)(case, compile_backend=backend if compiled else None)
         timer = StepTimer()
         fit_steps(module, batch, warmup + repeat, [timer])
         times[side] = timer.times
@@ -320,6 +343,8 @@ def run(names: list[str], quick: bool = False) -> dict:
                          "dmd_step": bench_dmd_step(case, 2 if quick else 9, 1 if quick else 2),
                          "pairs": bench_pairs(case, 1 if quick else 5, warmup), "memory": bench_memory(name, quick),
                          "lora": bench_lora(case), **({} if quick else {"compile": bench_compile(case)})}
+        if name == "fmnist" and not quick:  # the DMD2 configs' iteration: the GAN's pass through the encoder half too
+            results[name]["compile_dmd2"] = bench_compile(case, dmd2=True)
         del case
     return results
 

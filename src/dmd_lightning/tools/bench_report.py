@@ -63,7 +63,8 @@ def markdown(results: dict, m: dict) -> str:
                    ["model", "UNet", "full", "LoRA", "rank", "LoRA / full"],
                    [[k, x["unet"], mib(sum(x["full"].values())), mib(sum(x["lora"].values())), x["rank"],
                      ratio(x["ratio"])] for k, x in ((k, v["lora"]) for k, v in r.items())])
-    compiled = [(k, v["compile"]) for k, v in r.items() if "compile" in v]
+    compiled = [(label, v[key]) for k, v in r.items() for key, label in (("compile", k), ("compile_dmd2", f"{k} DMD2"))
+                if key in v]
     if compiled:
         lines += table("6. A DMD iteration with the networks compiled (torch.compile) vs eager (below 1: faster)",
                        ["model", "batch", "backend", "eager", "compiled", "compiled / eager", "compilation"],

@@ -2,7 +2,8 @@
 # DMD2 on Fashion-MNIST at CPU scale (the runs of docs/experiments/fmnist.md, "DMD2 on the CPU"): the shipped configs
 # at batch 32, fp32, each run on one thread for a fixed wall-time budget (BUDGET, default 70 minutes), two runs at a
 # time on a 2-core machine; EMA FID on 1,000 samples of the validation seeds (val_seed 1) every 300 iterations, and at
-# the end on the validation and the report seeds (2). Then the table, the FID curves and a sample grid.
+# the end on the validation and the report seeds (2); training seeds 0 and 1 of each variant. Then the table, the FID
+# curves and a sample grid.
 # bash experiments/fmnist_dmd2_cpu.sh [WORK=runs/cpu_dmd2] [BUDGET=00:01:10:00]
 set -u
 : "${WORK:=runs/cpu_dmd2}" "${BUDGET:=00:01:10:00}"
@@ -17,6 +18,10 @@ run() {
 run gan_s0 configs/fmnist_dmd2.yaml & run nogan_s0 configs/fmnist_dmd2.yaml --model.init_args.gan null & wait
 run gan_s1 configs/fmnist_dmd2.yaml --seed_everything 1 --data.init_args.seed 1 &
 run gan_4step_s0 configs/fmnist_dmd2_4step.yaml & wait
+run nogan_s1 configs/fmnist_dmd2.yaml --model.init_args.gan null --seed_everything 1 --data.init_args.seed 1 &
+run gan_4step_s1 configs/fmnist_dmd2_4step.yaml --seed_everything 1 --data.init_args.seed 1 & wait
+run init_1step configs/fmnist_dmd2.yaml --trainer.max_steps 0 &  # the untrained generators: iteration 0
+run init_4step configs/fmnist_dmd2_4step.yaml --trainer.max_steps 0 & wait
 grep -h RESULT "$WORK"/*.log
 python experiments/fmnist_summary.py table "$WORK"
 python experiments/fmnist_summary.py curves "$WORK/fid_curves.png" "$WORK"/runs/*

@@ -9,7 +9,9 @@ python experiments/fmnist_summary.py table WORK                        markdown:
                                                                    the FID curve from their TensorBoard events) beside
                                                                    the teacher (WORK/teacher_pairs.json, if any)
 python experiments/fmnist_summary.py curves OUT_PNG RUN_DIR...         EMA FID on the validation seeds against iterations,
-                                                                   one line per run (needs matplotlib)
+                                                                   one line per run (needs matplotlib); a run of no
+                                                                   iteration (max_steps 0) gives iteration 0 of the
+                                                                   runs of its config
 """
 
 from __future__ import annotations
@@ -115,9 +117,14 @@ def curves(out_png: str, *run_dirs: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    runs = {run: json.loads((run / "result.json").read_text()) for run in map(Path, run_dirs)}
+    # runs of no iteration (--trainer.max_steps 0): the untrained generator of their config, each curve's first point
+    start = {r["config"]: r["val/fid"] for r in runs.values() if r["iterations"] == 0}
     fig, ax = plt.subplots(figsize=(6, 4))
-    for run in map(Path, run_dirs):
-        its, fids = zip(*fid_curve(run))
+    for run, r in runs.items():
+        if r["iterations"] == 0:
+            continue
+        its, fids = zip(*([(0, start[r["config"]])] if r["config"] in start else []) + fid_curve(run))
         ax.plot(its, fids, marker="o", label=run.name)
     ax.set(xlabel="iteration", ylabel="FID (EMA generator, validation seeds)", yscale="log")
     ax.grid(True, which="both", alpha=0.3)

@@ -25,4 +25,5 @@ run init_4step configs/fmnist_dmd2_4step.yaml --trainer.max_steps 0 & wait
 grep -h RESULT "$WORK"/*.log
 python experiments/fmnist_summary.py table "$WORK"
 python experiments/fmnist_summary.py curves "$WORK/fid_curves.png" "$WORK"/runs/*
-python experiments/fmnist_summary.py grid none "$WORK/samples.png" "$WORK"/runs/*
+python experiments/fmnist_summary.py grid none "$WORK/samples.png" \
+  "$WORK"/runs/{gan_4step_s0,gan_4step_s1,gan_s0,gan_s1,nogan_s0,nogan_s1,init_4step,init_1step}  # the docs' row order

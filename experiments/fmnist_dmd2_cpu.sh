@@ -2,8 +2,8 @@
 # DMD2 on Fashion-MNIST at CPU scale (the runs of docs/experiments/fmnist.md, "DMD2 on the CPU"): the shipped configs
 # at batch 32, fp32, each run on one thread for a fixed wall-time budget (BUDGET, default 70 minutes), two runs at a
 # time on a 2-core machine; EMA FID on 1,000 samples of the validation seeds (val_seed 1) every 300 iterations, and at
-# the end on the validation and the report seeds (2); training seeds 0 and 1 of each variant. Then the table, the FID
-# curves and a sample grid.
+# the end on the validation and the report seeds (2); training seeds 0 and 1 of each variant; then four steps at a
+# lower lr and without the GAN. Then the table, the FID curves and a sample grid.
 # bash experiments/fmnist_dmd2_cpu.sh [WORK=runs/cpu_dmd2] [BUDGET=00:01:10:00]
 set -u
 : "${WORK:=runs/cpu_dmd2}" "${BUDGET:=00:01:10:00}"
@@ -22,8 +22,16 @@ run nogan_s1 configs/fmnist_dmd2.yaml --model.init_args.gan null --seed_everythi
 run gan_4step_s1 configs/fmnist_dmd2_4step.yaml --seed_everything 1 --data.init_args.seed 1 & wait
 run init_1step configs/fmnist_dmd2.yaml --trainer.max_steps 0 &  # the untrained generators: iteration 0
 run init_4step configs/fmnist_dmd2_4step.yaml --trainer.max_steps 0 & wait
+# four steps at lr 2e-5 for both networks: the config's 5e-5 (set for batch 256) scaled by sqrt(32 / 256), rounded
+lr=(--model.init_args.optim.generator_lr 2e-5 --model.init_args.optim.fake_lr 2e-5)
+run gan_4step_lr2e-5_s0 configs/fmnist_dmd2_4step.yaml "${lr[@]}" &
+run gan_4step_lr2e-5_s1 configs/fmnist_dmd2_4step.yaml "${lr[@]}" --seed_everything 1 --data.init_args.seed 1 & wait
+run nogan_4step_s0 configs/fmnist_dmd2_4step.yaml --model.init_args.gan null &  # four steps without the GAN
+run nogan_4step_s1 configs/fmnist_dmd2_4step.yaml --model.init_args.gan null --seed_everything 1 --data.init_args.seed 1 &
+wait
 grep -h RESULT "$WORK"/*.log
 python experiments/fmnist_summary.py table "$WORK"
 python experiments/fmnist_summary.py curves "$WORK/fid_curves.png" "$WORK"/runs/*
-python experiments/fmnist_summary.py grid none "$WORK/samples.png" \
-  "$WORK"/runs/{gan_4step_s0,gan_4step_s1,gan_s0,gan_s1,nogan_s0,nogan_s1,init_4step,init_1step}  # the docs' row order
+rows=(gan_4step_s0 gan_4step_s1 gan_4step_lr2e-5_s0 gan_4step_lr2e-5_s1 nogan_4step_s0 nogan_4step_s1 gan_s0 gan_s1
+      nogan_s0 nogan_s1 init_4step init_1step)  # the docs' row order
+python experiments/fmnist_summary.py grid none "$WORK/samples.png" "${rows[@]/#/$WORK/runs/}"

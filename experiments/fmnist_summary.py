@@ -111,6 +111,12 @@ def table(work: str) -> str:
     return text
 
 
+def variant_seed(name: str) -> tuple[str, int]:
+    """("gan_4step", 1) from the run name "gan_4step_s1"; (name, 0) for a name without a seed."""
+    head, sep, seed = name.rpartition("_s")
+    return (head, int(seed)) if sep and seed.isdigit() else (name, 0)
+
+
 def curves(out_png: str, *run_dirs: str) -> None:
     import matplotlib
 
@@ -120,15 +126,18 @@ def curves(out_png: str, *run_dirs: str) -> None:
     runs = {run: json.loads((run / "result.json").read_text()) for run in map(Path, run_dirs)}
     # runs of no iteration (--trainer.max_steps 0): the untrained generator of their config, each curve's first point
     start = {r["config"]: r["val/fid"] for r in runs.values() if r["iterations"] == 0}
-    fig, ax = plt.subplots(figsize=(6, 4))
+    variants = sorted({variant_seed(run.name)[0] for run in runs})  # one colour per variant, a line style per seed
+    fig, ax = plt.subplots(figsize=(7, 4.5))
     for run, r in runs.items():
         if r["iterations"] == 0:
             continue
         its, fids = zip(*([(0, start[r["config"]])] if r["config"] in start else []) + fid_curve(run))
-        ax.plot(its, fids, marker="o", label=run.name)
+        variant, seed = variant_seed(run.name)
+        ax.plot(its, fids, marker="o", markersize=3, linestyle=["-", "--", ":"][seed % 3],
+                color=f"C{variants.index(variant)}", label=run.name)
     ax.set(xlabel="iteration", ylabel="FID (EMA generator, validation seeds)", yscale="log")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
 

@@ -8,6 +8,9 @@ python experiments/fmnist_summary.py table WORK                        markdown:
                                                                    or fmnist_dmd2_results.sh (WORK/runs/*/result.json,
                                                                    the FID curve from their TensorBoard events) beside
                                                                    the teacher (WORK/teacher_pairs.json, if any)
+python experiments/fmnist_summary.py steps RUN_DIR...                  FID/KID after each step of a K-step run's EMA
+                                                                   generator (OUT/student; `teacher`: the untrained
+                                                                   one), 1,000 samples of the validation seeds
 python experiments/fmnist_summary.py curves OUT_PNG RUN_DIR...         EMA FID on the validation seeds against iterations,
                                                                    one line per run (needs matplotlib); a run of no
                                                                    iteration (max_steps 0) gives iteration 0 of the
@@ -111,6 +114,36 @@ def table(work: str) -> str:
     return text
 
 
+@torch.no_grad()
+def steps(*run_dirs: str) -> dict[str, list[float]]:
+    """FID after each step k of a K-step generator: its x_0 at step k, from the input its earlier steps made."""
+    from diffusers import UNet2DModel
+
+    from dmd_lightning.generator import MultiStepGenerator
+
+    evaluator, out = config_evaluator(), {}
+    dm = DMDDataModule(None, val_seed=1, val_size=1000, val_batch_size=250, real_images=FashionMNISTImages())
+    dm.setup("validate")
+    batches = dm.val_batches()
+    for run in run_dirs:
+        denoiser = PretrainedUNetDenoiser(TEACHER["teacher"])
+        if run != "teacher":
+            denoiser.unet = UNet2DModel.from_pretrained(Path(run) / "student").float()
+            timesteps = json.loads((Path(run) / "result.json").read_text())["steps"]
+        else:
+            timesteps = [999, 749, 499, 249]
+        g = MultiStepGenerator(denoiser.eval(), timesteps).eval()
+        out[run] = []
+        for k in range(len(timesteps)):
+            evaluator.reset()
+            for i, b in enumerate(batches):  # the fresh noise between steps as in validation: seeded by batch
+                x = g.simulate(b["z"], k, b["cond"], torch.Generator().manual_seed(i))
+                evaluator.update(g.step(x, k, b["cond"]), b)
+            out[run].append(round(evaluator.compute()["fid"], 2))
+        print("STEPS", run, json.dumps(out[run]), flush=True)
+    return out
+
+
 def variant_seed(name: str) -> tuple[str, int]:
     """("gan_4step", 1) from the run name "gan_4step_s1"; (name, 0) for a name without a seed."""
     head, sep, seed = name.rpartition("_s")
@@ -143,4 +176,4 @@ def curves(out_png: str, *run_dirs: str) -> None:
 
 
 if __name__ == "__main__":
-    {"teacher": teacher, "grid": grid, "table": table, "curves": curves}[sys.argv[1]](*sys.argv[2:])
+    {"teacher": teacher, "grid": grid, "table": table, "curves": curves, "steps": steps}[sys.argv[1]](*sys.argv[2:])

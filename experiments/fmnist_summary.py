@@ -8,8 +8,8 @@ python experiments/fmnist_summary.py table WORK                        markdown:
                                                                    or fmnist_dmd2_results.sh (WORK/runs/*/result.json,
                                                                    the FID curve from their TensorBoard events) beside
                                                                    the teacher (WORK/teacher_pairs.json, if any)
-python experiments/fmnist_summary.py steps RUN_DIR...                  FID/KID after each step of a K-step run's EMA
-                                                                   generator (OUT/student; `teacher`: the untrained
+python experiments/fmnist_summary.py steps RUN_DIR...                  FID after each step of a K-step run's EMA
+                                                                   generator (RUN_DIR/student; `teacher`: the untrained
                                                                    one), 1,000 samples of the validation seeds
 python experiments/fmnist_summary.py curves OUT_PNG RUN_DIR...         EMA FID on the validation seeds against iterations,
                                                                    one line per run (needs matplotlib); a run of no

@@ -3,7 +3,7 @@
 # at batch 32, fp32, each run on one thread for a fixed wall-time budget (BUDGET, default 70 minutes), two runs at a
 # time on a 2-core machine; EMA FID on 1,000 samples of the validation seeds (val_seed 1) every 300 iterations, and at
 # the end on the validation and the report seeds (2); training seeds 0 and 1 of each variant; then four steps at a
-# lower lr and without the GAN. Then the table, the FID curves and a sample grid.
+# lower lr and without the GAN; the GAN runs continued to 120 minutes. Then the table, the FID curves and a sample grid.
 # bash experiments/fmnist_dmd2_cpu.sh [WORK=runs/cpu_dmd2] [BUDGET=00:01:10:00]
 set -u
 : "${WORK:=runs/cpu_dmd2}" "${BUDGET:=00:01:10:00}"
@@ -29,6 +29,16 @@ run gan_4step_lr2e-5_s1 configs/fmnist_dmd2_4step.yaml "${lr[@]}" --seed_everyth
 run nogan_4step_s0 configs/fmnist_dmd2_4step.yaml --model.init_args.gan null &  # four steps without the GAN
 run nogan_4step_s1 configs/fmnist_dmd2_4step.yaml --model.init_args.gan null --seed_everything 1 --data.init_args.seed 1 &
 wait
+# the GAN runs of one and four steps continued from their checkpoints to 120 minutes of training each (Lightning's
+# Timer counts their first 70), a one-step and a four-step run side by side; then FID after each step of four steps
+longer() {
+  local name=$1; shift
+  RESUME=$WORK/runs/$name/version_0/checkpoints/last.ckpt BUDGET=00:02:00:00 run "${name}_120m" "$@"
+}
+s1=(--seed_everything 1 --data.init_args.seed 1)
+longer gan_4step_s0 configs/fmnist_dmd2_4step.yaml & longer gan_s0 configs/fmnist_dmd2.yaml & wait
+longer gan_4step_s1 configs/fmnist_dmd2_4step.yaml "${s1[@]}" & longer gan_s1 configs/fmnist_dmd2.yaml "${s1[@]}" & wait
+python experiments/fmnist_summary.py steps "$WORK"/runs/gan_4step_s{0,1}_120m
 grep -h RESULT "$WORK"/*.log
 python experiments/fmnist_summary.py table "$WORK"
 python experiments/fmnist_summary.py curves "$WORK/fid_curves.png" "$WORK"/runs/*

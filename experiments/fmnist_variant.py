@@ -1,11 +1,12 @@
 """One DMD variant on Fashion-MNIST for a wall-time budget, then FID/KID of its EMA and raw generator.
 
-python experiments/fmnist_variant.py OUT PAIRS_DIR MAX_TIME [dmd fit overrides...]
+[RESUME=CKPT] python experiments/fmnist_variant.py OUT PAIRS_DIR MAX_TIME [dmd fit overrides...]
 
 Runs `dmd fit --config $CONFIG` (default configs/fmnist.yaml) on existing pairs (their sampler settings are read
 from the manifest; PAIRS_DIR `none` for the DMD2 configs, which take none) for the config's iterations (or MAX_TIME, whichever ends first), then `trainer.validate` (the code
 path of `dmd validate`) on the validation seeds (val_seed 1: `val/...`) and on the report seeds (val_seed 2:
-`test/...`, never looked at while choosing settings). Writes OUT/result.json, the EMA generator's UNet as a
+`test/...`, never looked at while choosing settings). RESUME continues a run from its checkpoint (same config and
+overrides) into OUT; MAX_TIME then counts the checkpoint's training time as well. Writes OUT/result.json, the EMA generator's UNet as a
 diffusers folder in float16 (OUT/student) and its first validation samples (OUT/samples.pt, uint8).
 experiments/fmnist_results.sh runs several of these side by side.
 """
@@ -40,8 +41,9 @@ def main(out: str, pairs_dir: str, max_time: str, *overrides: str) -> dict:
                "--trainer.default_root_dir", str(out_dir), "--trainer.logger.init_args.save_dir", str(out_dir.parent),
                "--trainer.logger.init_args.name", out_dir.name, *overrides], run=False)
     start = time.time()
-    run.trainer.fit(run.model, datamodule=run.datamodule)
+    run.trainer.fit(run.model, datamodule=run.datamodule, ckpt_path=os.environ.get("RESUME"))
     result = {"config": os.environ.get("CONFIG", "configs/fmnist.yaml"), "overrides": list(overrides),
+              "resumed_from": os.environ.get("RESUME"),
               "iterations": run.model.iteration, "train_s": round(time.time() - start, 1),
               "steps": list(getattr(run.model.generator, "timesteps", [999]))}
     (metrics,) = run.trainer.validate(run.model, datamodule=run.datamodule, verbose=False)

@@ -10,7 +10,8 @@ python experiments/fmnist_summary.py table WORK                        markdown:
                                                                    the teacher (WORK/teacher_pairs.json, if any)
 python experiments/fmnist_summary.py steps RUN_DIR...                  FID after each step of a K-step run's EMA
                                                                    generator (RUN_DIR/student; `teacher`: the untrained
-                                                                   one), 1,000 samples of the validation seeds
+                                                                   one), 1,000 samples of the validation seeds, from
+                                                                   its own earlier steps and from noised real images
 python experiments/fmnist_summary.py curves OUT_PNG RUN_DIR...         EMA FID on the validation seeds against iterations,
                                                                    one line per run (needs matplotlib); a run of no
                                                                    iteration (max_steps 0) gives iteration 0 of the
@@ -115,8 +116,10 @@ def table(work: str) -> str:
 
 
 @torch.no_grad()
-def steps(*run_dirs: str) -> dict[str, list[float]]:
-    """FID after each step k of a K-step generator: its x_0 at step k, from the input its earlier steps made."""
+def steps(*run_dirs: str) -> dict[str, dict[str, list[float]]]:
+    """FID after each step k of a K-step generator: its x_0 at step k from the input its earlier steps made
+    ("simulated"), and from real images (the first 1,000 of the train split, their labels) noised to step k's
+    timestep ("real"). The two part a step that maps badly from one whose input is off."""
     from diffusers import UNet2DModel
 
     from dmd_lightning.generator import MultiStepGenerator
@@ -125,6 +128,7 @@ def steps(*run_dirs: str) -> dict[str, list[float]]:
     dm = DMDDataModule(None, val_seed=1, val_size=1000, val_batch_size=250, real_images=FashionMNISTImages())
     dm.setup("validate")
     batches = dm.val_batches()
+    real = FashionMNISTImages()
     for run in run_dirs:
         denoiser = PretrainedUNetDenoiser(TEACHER["teacher"])
         if run != "teacher":
@@ -133,13 +137,19 @@ def steps(*run_dirs: str) -> dict[str, list[float]]:
         else:
             timesteps = [999, 749, 499, 249]
         g = MultiStepGenerator(denoiser.eval(), timesteps).eval()
-        out[run] = []
-        for k in range(len(timesteps)):
-            evaluator.reset()
-            for i, b in enumerate(batches):  # the fresh noise between steps as in validation: seeded by batch
-                x = g.simulate(b["z"], k, b["cond"], torch.Generator().manual_seed(i))
-                evaluator.update(g.step(x, k, b["cond"]), b)
-            out[run].append(round(evaluator.compute()["fid"], 2))
+        out[run] = {"simulated": [], "real": []}
+        for k, t in enumerate(timesteps):
+            for kind in ("simulated", "real"):
+                evaluator.reset()
+                for i, b in enumerate(batches):  # the fresh noise between steps as in validation: seeded by batch
+                    if kind == "simulated":
+                        x, cond = g.simulate(b["z"], k, b["cond"], torch.Generator().manual_seed(i)), b["cond"]
+                    else:
+                        x0, cond = real.images[i * 250:(i + 1) * 250], real.labels[i * 250:(i + 1) * 250]
+                        x = denoiser.schedule.add_noise(x0, b["z"], torch.full((len(x0),), t))
+                    with torch.no_grad():
+                        evaluator.update(g.step(x, k, cond), b)
+                out[run][kind].append(round(evaluator.compute()["fid"], 2))
         print("STEPS", run, json.dumps(out[run]), flush=True)
     return out
 

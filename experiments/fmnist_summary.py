@@ -15,7 +15,8 @@ python experiments/fmnist_summary.py steps RUN_DIR...                  FID after
 python experiments/fmnist_summary.py curves OUT_PNG RUN_DIR...         EMA FID on the validation seeds against iterations,
                                                                    one line per run (needs matplotlib); a run of no
                                                                    iteration (max_steps 0) gives iteration 0 of the
-                                                                   runs of its config
+                                                                   runs of its config; a run resumed from another's
+                                                                   checkpoint (RESUME) extends that run's line
 """
 
 from __future__ import annotations
@@ -169,15 +170,21 @@ def curves(out_png: str, *run_dirs: str) -> None:
     runs = {run: json.loads((run / "result.json").read_text()) for run in map(Path, run_dirs)}
     # runs of no iteration (--trainer.max_steps 0): the untrained generator of their config, each curve's first point
     start = {r["config"]: r["val/fid"] for r in runs.values() if r["iterations"] == 0}
-    variants = sorted({variant_seed(run.name)[0] for run in runs})  # one colour per variant, a line style per seed
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    variants = sorted({variant_seed(run.name)[0] for run, r in runs.items() if not r.get("resumed_from")})
+    fig, ax = plt.subplots(figsize=(7, 4.5))  # one colour per variant, a line style per seed
     for run, r in runs.items():
         if r["iterations"] == 0:
             continue
-        its, fids = zip(*([(0, start[r["config"]])] if r["config"] in start else []) + fid_curve(run))
+        points, label = fid_curve(run), run.name
+        if r.get("resumed_from"):  # continues its origin's line (RESUME=.../ORIGIN/version_0/checkpoints/x.ckpt)
+            origin = Path(r["resumed_from"]).parents[2]
+            points, label = fid_curve(origin)[-1:] + points, "_" + run.name
+            run = origin
+        elif r["config"] in start:
+            points = [(0, start[r["config"]])] + points
         variant, seed = variant_seed(run.name)
-        ax.plot(its, fids, marker="o", markersize=3, linestyle=["-", "--", ":"][seed % 3],
-                color=f"C{variants.index(variant)}", label=run.name)
+        ax.plot(*zip(*points), marker="o", markersize=3, linestyle=["-", "--", ":"][seed % 3],
+                color=f"C{variants.index(variant)}", label=label)
     ax.set(xlabel="iteration", ylabel="FID (EMA generator, validation seeds)", yscale="log")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)

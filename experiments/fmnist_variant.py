@@ -3,11 +3,12 @@
 [RESUME=CKPT] python experiments/fmnist_variant.py OUT PAIRS_DIR MAX_TIME [dmd fit overrides...]
 
 Runs `dmd fit --config $CONFIG` (default configs/fmnist.yaml) on existing pairs (their sampler settings are read
-from the manifest; PAIRS_DIR `none` for the DMD2 configs, which take none) for the config's iterations (or MAX_TIME, whichever ends first), then `trainer.validate` (the code
-path of `dmd validate`) on the validation seeds (val_seed 1: `val/...`) and on the report seeds (val_seed 2:
-`test/...`, never looked at while choosing settings). RESUME continues a run from its checkpoint (same config and
-overrides) into OUT; MAX_TIME then counts the checkpoint's training time as well. Writes OUT/result.json, the EMA generator's UNet as a
-diffusers folder in float16 (OUT/student) and its first validation samples (OUT/samples.pt, uint8).
+from the manifest; PAIRS_DIR `none` for the DMD2 configs, which take none) for the config's iterations (or
+MAX_TIME, whichever ends first), then `trainer.validate` (the code path of `dmd validate`) on the validation seeds
+(val_seed 1: `val/...`) and on the report seeds (val_seed 2: `test/...`, never looked at while choosing settings).
+RESUME continues a run from its checkpoint (same config and overrides) into OUT; MAX_TIME then counts the
+checkpoint's training time as well. Writes OUT/result.json, the EMA generator's UNet as a diffusers folder in
+float16 (OUT/student) and its first validation samples (OUT/samples.pt, uint8).
 experiments/fmnist_results.sh runs several of these side by side.
 """
 

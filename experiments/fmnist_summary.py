@@ -12,6 +12,9 @@ python experiments/fmnist_summary.py steps RUN_DIR...                  FID after
                                                                    generator (RUN_DIR/student; `teacher`: the untrained
                                                                    one), 1,000 samples of the validation seeds, from
                                                                    its own earlier steps and from noised real images
+python experiments/fmnist_summary.py dmstep CONFIG CKPT...           FID after each step of a K-step run's raw generator
+                                                                   with its x_0 moved along the DM gradient (eta 0,
+                                                                   0.05, 0.2): does the gradient point to better samples
 python experiments/fmnist_summary.py curves OUT_PNG RUN_DIR...         EMA FID on the validation seeds against iterations,
                                                                    one line per run (needs matplotlib); a run of no
                                                                    iteration (max_steps 0) gives iteration 0 of the
@@ -155,6 +158,47 @@ def steps(*run_dirs: str) -> dict[str, dict[str, list[float]]]:
     return out
 
 
+def dmstep(config: str, *checkpoints: str) -> dict[str, list[list[float]]]:
+    """Does the DM gradient point to better samples at each step? For each step k of a K-step run's raw generator
+    (a training checkpoint: generator and fake score), FID of its x_0 moved by -eta times the DM gradient (Eq. 7-8,
+    the mean of 4 draws of t and noise), eta 0, 0.05, 0.2; 1,000 samples of the validation seeds."""
+    from dmd_lightning.cli import cli
+    from dmd_lightning.losses import distribution_matching_loss
+
+    run = cli(["--config", config, "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
+               "--trainer.logger", "false", "--model.init_args.evaluator", "null"], run=False)
+    evaluator, etas, draws, out = config_evaluator(), (0.0, 0.05, 0.2), 4, {}
+    dm = DMDDataModule(None, val_seed=1, val_size=1000, val_batch_size=250, real_images=FashionMNISTImages())
+    dm.setup("validate")
+    for ckpt in checkpoints:
+        m = run.model
+        m.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"], strict=False)
+        g = m.generator.eval()
+        torch.manual_seed(0)
+        out[ckpt] = []
+        for k in range(len(g.timesteps)):
+            moved = {eta: [] for eta in etas}
+            for i, b in enumerate(dm.val_batches()):
+                with torch.no_grad():
+                    x = g.step(g.simulate(b["z"], k, b["cond"], torch.Generator().manual_seed(i)), k, b["cond"])
+                grad = 0
+                for _ in range(draws):  # the loss's gradient w.r.t. x is grad / numel
+                    xg = x.clone().requires_grad_(True)
+                    distribution_matching_loss(xg, m.teacher, m.fake_score, b["cond"])[0].backward()
+                    grad = grad + xg.grad * xg.numel() / draws
+                for eta in etas:
+                    moved[eta].append((x - eta * grad).clamp(-1, 1))
+            fids = []
+            for eta in etas:
+                evaluator.reset()
+                for x in moved[eta]:
+                    evaluator.update(x)
+                fids.append(round(evaluator.compute()["fid"], 2))
+            out[ckpt].append(fids)
+            print("DMSTEP", ckpt, k, dict(zip(etas, fids)), flush=True)
+    return out
+
+
 def variant_seed(name: str) -> tuple[str, int]:
     """("gan_4step", 1) from the run name "gan_4step_s1"; (name, 0) for a name without a seed."""
     head, sep, seed = name.rpartition("_s")
@@ -193,4 +237,5 @@ def curves(out_png: str, *run_dirs: str) -> None:
 
 
 if __name__ == "__main__":
-    {"teacher": teacher, "grid": grid, "table": table, "curves": curves, "steps": steps}[sys.argv[1]](*sys.argv[2:])
+    {"teacher": teacher, "grid": grid, "table": table, "curves": curves, "steps": steps,
+     "dmstep": dmstep}[sys.argv[1]](*sys.argv[2:])

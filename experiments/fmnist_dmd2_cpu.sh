@@ -38,7 +38,10 @@ longer() {
 s1=(--seed_everything 1 --data.init_args.seed 1)
 longer gan_4step_s0 configs/fmnist_dmd2_4step.yaml & longer gan_s0 configs/fmnist_dmd2.yaml & wait
 longer gan_4step_s1 configs/fmnist_dmd2_4step.yaml "${s1[@]}" & longer gan_s1 configs/fmnist_dmd2.yaml "${s1[@]}" & wait
-python experiments/fmnist_summary.py steps "$WORK"/runs/gan_4step_s{0,1}_120m
+python experiments/fmnist_summary.py steps teacher "$WORK"/runs/{gan,nogan}_4step_s{0,1} \
+  "$WORK"/runs/gan_4step_s{0,1}_120m
+python experiments/fmnist_summary.py dmstep configs/fmnist_dmd2_4step.yaml \
+  "$WORK"/runs/gan_4step_s{0,1}_120m/version_0/checkpoints/last.ckpt  # does the DM gradient improve each step?
 grep -h RESULT "$WORK"/*.log
 python experiments/fmnist_summary.py table "$WORK"
 python experiments/fmnist_summary.py curves "$WORK/fid_curves.png" "$WORK"/runs/*

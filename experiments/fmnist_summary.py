@@ -120,6 +120,13 @@ def table(work: str) -> str:
 
 
 @torch.no_grad()
+def validation_batches(real: FashionMNISTImages) -> list[dict]:
+    """The noise and labels of 1,000 samples of the validation seeds (val_seed 1), in batches of 250."""
+    dm = DMDDataModule(None, val_seed=1, val_size=1000, val_batch_size=250, real_images=real)
+    dm.setup("validate")
+    return dm.val_batches()
+
+
 def steps(*run_dirs: str) -> dict[str, dict[str, list[float]]]:
     """FID after each step k of a K-step generator: its x_0 at step k from the input its earlier steps made
     ("simulated"), and from real images (the first 1,000 of the train split, their labels) noised to step k's
@@ -129,10 +136,8 @@ def steps(*run_dirs: str) -> dict[str, dict[str, list[float]]]:
     from dmd_lightning.generator import MultiStepGenerator
 
     evaluator, out = config_evaluator(), {}
-    dm = DMDDataModule(None, val_seed=1, val_size=1000, val_batch_size=250, real_images=FashionMNISTImages())
-    dm.setup("validate")
-    batches = dm.val_batches()
     real = FashionMNISTImages()
+    batches = validation_batches(real)
     for run in run_dirs:
         denoiser = PretrainedUNetDenoiser(TEACHER["teacher"])
         if run != "teacher":
@@ -168,8 +173,7 @@ def dmstep(config: str, *checkpoints: str) -> dict[str, list[list[float]]]:
     run = cli(["--config", config, "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
                "--trainer.logger", "false", "--model.init_args.evaluator", "null"], run=False)
     evaluator, etas, draws, out = config_evaluator(), (0.0, 0.05, 0.2), 4, {}
-    dm = DMDDataModule(None, val_seed=1, val_size=1000, val_batch_size=250, real_images=FashionMNISTImages())
-    dm.setup("validate")
+    batches = validation_batches(FashionMNISTImages())
     for ckpt in checkpoints:
         m = run.model
         m.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"], strict=False)
@@ -178,7 +182,7 @@ def dmstep(config: str, *checkpoints: str) -> dict[str, list[list[float]]]:
         out[ckpt] = []
         for k in range(len(g.timesteps)):
             moved = {eta: [] for eta in etas}
-            for i, b in enumerate(dm.val_batches()):
+            for i, b in enumerate(batches):
                 with torch.no_grad():
                     x = g.step(g.simulate(b["z"], k, b["cond"], torch.Generator().manual_seed(i)), k, b["cond"])
                 grad = 0

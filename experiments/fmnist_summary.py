@@ -119,7 +119,6 @@ def table(work: str) -> str:
     return text
 
 
-@torch.no_grad()
 def validation_batches(real: FashionMNISTImages) -> list[dict]:
     """The noise and labels of 1,000 samples of the validation seeds (val_seed 1), in batches of 250."""
     dm = DMDDataModule(None, val_seed=1, val_size=1000, val_batch_size=250, real_images=real)
@@ -127,6 +126,7 @@ def validation_batches(real: FashionMNISTImages) -> list[dict]:
     return dm.val_batches()
 
 
+@torch.no_grad()
 def steps(*run_dirs: str) -> dict[str, dict[str, list[float]]]:
     """FID after each step k of a K-step generator: its x_0 at step k from the input its earlier steps made
     ("simulated"), and from real images (the first 1,000 of the train split, their labels) noised to step k's
@@ -153,11 +153,11 @@ def steps(*run_dirs: str) -> dict[str, dict[str, list[float]]]:
                 for i, b in enumerate(batches):  # the fresh noise between steps as in validation: seeded by batch
                     if kind == "simulated":
                         x, cond = g.simulate(b["z"], k, b["cond"], torch.Generator().manual_seed(i)), b["cond"]
-                    else:
-                        x0, cond = real.images[i * 250:(i + 1) * 250], real.labels[i * 250:(i + 1) * 250]
-                        x = denoiser.schedule.add_noise(x0, b["z"], torch.full((len(x0),), t))
-                    with torch.no_grad():
-                        evaluator.update(g.step(x, k, cond), b)
+                    else:  # the batch's real images: the same offsets as its noise
+                        rows = slice(i * len(b["z"]), (i + 1) * len(b["z"]))
+                        cond = real.labels[rows]
+                        x = denoiser.schedule.add_noise(real.images[rows], b["z"], torch.full((len(b["z"]),), t))
+                    evaluator.update(g.step(x, k, cond), b)
                 out[run][kind].append(round(evaluator.compute()["fid"], 2))
         print("STEPS", run, json.dumps(out[run]), flush=True)
     return out
@@ -173,9 +173,8 @@ def dmstep(config: str, *checkpoints: str) -> dict[str, list[list[float]]]:
     run = cli(["--config", config, "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
                "--trainer.logger", "false", "--model.init_args.evaluator", "null"], run=False)
     evaluator, etas, draws, out = config_evaluator(), (0.0, 0.05, 0.2), 4, {}
-    batches = validation_batches(FashionMNISTImages())
+    batches, m = validation_batches(FashionMNISTImages()), run.model
     for ckpt in checkpoints:
-        m = run.model
         m.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"], strict=False)
         g = m.generator.eval()
         torch.manual_seed(0)

@@ -3,7 +3,8 @@
 # at batch 32, fp32, each run on one thread for a fixed wall-time budget (BUDGET, default 70 minutes), two runs at a
 # time on a 2-core machine; EMA FID on 1,000 samples of the validation seeds (val_seed 1) every 300 iterations, and at
 # the end on the validation and the report seeds (2); training seeds 0 and 1 of each variant; then four steps at a
-# lower lr and without the GAN; the GAN runs continued to 120 minutes. Then the table, the FID curves and a sample grid.
+# lower lr and without the GAN; the GAN runs continued to 120 minutes; four steps with the DM loss's t capped at 0.25T.
+# Then the table, the FID curves and a sample grid.
 # bash experiments/fmnist_dmd2_cpu.sh [WORK=runs/cpu_dmd2] [BUDGET=00:01:10:00]
 set -u
 : "${WORK:=runs/cpu_dmd2}" "${BUDGET:=00:01:10:00}"
@@ -42,6 +43,12 @@ python experiments/fmnist_summary.py steps teacher "$WORK"/runs/{gan,nogan}_4ste
   "$WORK"/runs/gan_4step_s{0,1}_120m
 python experiments/fmnist_summary.py dmstep configs/fmnist_dmd2_4step.yaml \
   "$WORK"/runs/gan_4step_s{0,1}_120m/version_0/checkpoints/last.ckpt  # does the DM gradient improve each step?
+python experiments/fmnist_summary.py dmbands configs/fmnist_dmd2_4step.yaml \
+  "$WORK"/runs/gan_4step_s{0,1}_120m/version_0/checkpoints/last.ckpt  # ... from which noise levels?
+# four steps with the DM loss's t in [0.02, 0.25]T, the band whose gradient improves every step on both seeds above
+cap=(--model.init_args.dm_loss.t_range "[0.02, 0.25]")
+run gan_4step_dmt0.25_s0 configs/fmnist_dmd2_4step.yaml "${cap[@]}" &
+run gan_4step_dmt0.25_s1 configs/fmnist_dmd2_4step.yaml "${cap[@]}" "${s1[@]}" & wait
 grep -h RESULT "$WORK"/*.log
 python experiments/fmnist_summary.py table "$WORK"
 python experiments/fmnist_summary.py curves "$WORK/fid_curves.png" "$WORK"/runs/*

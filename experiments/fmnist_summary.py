@@ -15,6 +15,8 @@ python experiments/fmnist_summary.py steps RUN_DIR...                  FID after
 python experiments/fmnist_summary.py dmstep CONFIG CKPT...           FID after each step of a K-step run's raw generator
                                                                    with its x_0 moved along the DM gradient (eta 0,
                                                                    0.05, 0.2): does the gradient point to better samples
+python experiments/fmnist_summary.py dmbands CONFIG CKPT...          the same with the DM loss's t in one quarter of
+                                                                   [0.02T, 0.98T] at a time (eta 0.01, 0.05, 0.2)
 python experiments/fmnist_summary.py curves OUT_PNG RUN_DIR...         EMA FID on the validation seeds against iterations,
                                                                    one line per run (needs matplotlib); a run of no
                                                                    iteration (max_steps 0) gives iteration 0 of the
@@ -163,16 +165,17 @@ def steps(*run_dirs: str) -> dict[str, dict[str, list[float]]]:
     return out
 
 
-def dmstep(config: str, *checkpoints: str) -> dict[str, list[list[float]]]:
+def dmstep(config: str, *checkpoints: str, bands=((0.02, 0.98),), etas=(0.0, 0.05, 0.2)) -> dict[str, list]:
     """Does the DM gradient point to better samples at each step? For each step k of a K-step run's raw generator
     (a training checkpoint: generator and fake score), FID of its x_0 moved by -eta times the DM gradient (Eq. 7-8,
-    the mean of 4 draws of t and noise), eta 0, 0.05, 0.2; 1,000 samples of the validation seeds."""
+    the mean of 4 draws of t and noise, t drawn in each band of `bands`, fractions of T); 1,000 samples of the
+    validation seeds. Returns per checkpoint, per step, per band, the FID at each eta."""
     from dmd_lightning.cli import cli
     from dmd_lightning.losses import distribution_matching_loss
 
     run = cli(["--config", config, "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
                "--trainer.logger", "false", "--model.init_args.evaluator", "null"], run=False)
-    evaluator, etas, draws, out = config_evaluator(), (0.0, 0.05, 0.2), 4, {}
+    evaluator, draws, out = config_evaluator(), 4, {}
     batches, m = validation_batches(FashionMNISTImages()), run.model
     for ckpt in checkpoints:
         m.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"], strict=False)
@@ -180,26 +183,35 @@ def dmstep(config: str, *checkpoints: str) -> dict[str, list[list[float]]]:
         torch.manual_seed(0)
         out[ckpt] = []
         for k in range(len(g.timesteps)):
-            moved = {eta: [] for eta in etas}
+            moved = {(band, eta): [] for band in bands for eta in etas}
             for i, b in enumerate(batches):
                 with torch.no_grad():
                     x = g.step(g.simulate(b["z"], k, b["cond"], torch.Generator().manual_seed(i)), k, b["cond"])
-                grad = 0
-                for _ in range(draws):  # the loss's gradient w.r.t. x is grad / numel
-                    xg = x.clone().requires_grad_(True)
-                    distribution_matching_loss(xg, m.teacher, m.fake_score, b["cond"])[0].backward()
-                    grad = grad + xg.grad * xg.numel() / draws
-                for eta in etas:
-                    moved[eta].append((x - eta * grad).clamp(-1, 1))
-            fids = []
-            for eta in etas:
+                for band in bands:
+                    grad = 0
+                    for _ in range(draws):  # the loss's gradient w.r.t. x is grad / numel
+                        xg = x.clone().requires_grad_(True)
+                        loss = distribution_matching_loss(xg, m.teacher, m.fake_score, b["cond"], t_range=band)[0]
+                        loss.backward()
+                        grad = grad + xg.grad * xg.numel() / draws
+                    for eta in etas:
+                        moved[band, eta].append((x - eta * grad).clamp(-1, 1))
+            fids = {}
+            for band, eta in moved:
                 evaluator.reset()
-                for x in moved[eta]:
+                for x in moved[band, eta]:
                     evaluator.update(x)
-                fids.append(round(evaluator.compute()["fid"], 2))
-            out[ckpt].append(fids)
-            print("DMSTEP", ckpt, k, dict(zip(etas, fids)), flush=True)
+                fids.setdefault(band, []).append(round(evaluator.compute()["fid"], 2))
+            out[ckpt].append([fids[band] for band in bands])
+            print("DMSTEP", ckpt, k, json.dumps({str(band): dict(zip(etas, fids[band])) for band in bands}), flush=True)
     return out
+
+
+def dmbands(config: str, *checkpoints: str) -> dict[str, list]:
+    """dmstep with t drawn in one quarter of [0.02T, 0.98T] at a time: which noise levels' DM gradient helps or hurts
+    each step's samples (eta 0.01, 0.05, 0.2; eta 0 is dmstep's)."""
+    edges = (0.02, 0.25, 0.5, 0.75, 0.98)
+    return dmstep(config, *checkpoints, bands=tuple(zip(edges[:-1], edges[1:])), etas=(0.01, 0.05, 0.2))
 
 
 def variant_seed(name: str) -> tuple[str, int]:
@@ -241,4 +253,4 @@ def curves(out_png: str, *run_dirs: str) -> None:
 
 if __name__ == "__main__":
     {"teacher": teacher, "grid": grid, "table": table, "curves": curves, "steps": steps,
-     "dmstep": dmstep}[sys.argv[1]](*sys.argv[2:])
+     "dmstep": dmstep, "dmbands": dmbands}[sys.argv[1]](*sys.argv[2:])

@@ -52,6 +52,6 @@ run gan_4step_dmt0.25_s1 configs/fmnist_dmd2_4step.yaml "${cap[@]}" "${s1[@]}" &
 grep -h RESULT "$WORK"/*.log
 python experiments/fmnist_summary.py table "$WORK"
 python experiments/fmnist_summary.py curves "$WORK/fid_curves.png" "$WORK"/runs/*
-rows=(gan_4step_s0 gan_4step_s1 gan_4step_lr2e-5_s0 gan_4step_lr2e-5_s1 nogan_4step_s0 nogan_4step_s1 gan_s0 gan_s1
-      nogan_s0 nogan_s1 init_4step init_1step)  # the docs' row order
+rows=(gan_4step_s0 gan_4step_s1 gan_4step_lr2e-5_s0 gan_4step_lr2e-5_s1 nogan_4step_s0 nogan_4step_s1 gan_4step_dmt0.25_s0
+      gan_4step_dmt0.25_s1 gan_s0 gan_s1 nogan_s0 nogan_s1 init_4step init_1step)  # the docs' row order
 python experiments/fmnist_summary.py grid none "$WORK/samples.png" "${rows[@]/#/$WORK/runs/}"

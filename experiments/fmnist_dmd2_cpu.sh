@@ -3,7 +3,8 @@
 # at batch 32, fp32, each run on one thread for a fixed wall-time budget (BUDGET, default 70 minutes), two runs at a
 # time on a 2-core machine; EMA FID on 1,000 samples of the validation seeds (val_seed 1) every 300 iterations, and at
 # the end on the validation and the report seeds (2); training seeds 0 and 1 of each variant; then four steps at a
-# lower lr and without the GAN; the GAN runs continued to 120 minutes; four steps with the DM loss's t capped at 0.25T.
+# lower lr and without the GAN; the GAN runs continued to 120 minutes; four steps with the DM loss's t capped at 0.25T,
+# and with a fake score per step.
 # Then the table, the FID curves and a sample grid.
 # bash experiments/fmnist_dmd2_cpu.sh [WORK=runs/cpu_dmd2] [BUDGET=00:01:10:00]
 set -u
@@ -49,9 +50,14 @@ python experiments/fmnist_summary.py dmbands configs/fmnist_dmd2_4step.yaml \
 cap=(--model.init_args.dm_loss.t_range "[0.02, 0.25]")
 run gan_4step_dmt0.25_s0 configs/fmnist_dmd2_4step.yaml "${cap[@]}" &
 run gan_4step_dmt0.25_s1 configs/fmnist_dmd2_4step.yaml "${cap[@]}" "${s1[@]}" & wait
+# four steps with a fake score per step (copy k trained on step k's outputs, giving step k's DM gradient)
+per=(--model.init_args.fake_score_per_step true)
+run gan_4step_perstep_s0 configs/fmnist_dmd2_4step.yaml "${per[@]}" &
+run gan_4step_perstep_s1 configs/fmnist_dmd2_4step.yaml "${per[@]}" "${s1[@]}" & wait
+python experiments/fmnist_summary.py steps "$WORK"/runs/gan_4step_perstep_s{0,1}
 grep -h RESULT "$WORK"/*.log
 python experiments/fmnist_summary.py table "$WORK"
 python experiments/fmnist_summary.py curves "$WORK/fid_curves.png" "$WORK"/runs/*
 rows=(gan_4step_s0 gan_4step_s1 gan_4step_lr2e-5_s0 gan_4step_lr2e-5_s1 nogan_4step_s0 nogan_4step_s1 gan_4step_dmt0.25_s0
-      gan_4step_dmt0.25_s1 gan_s0 gan_s1 nogan_s0 nogan_s1 init_4step init_1step)  # the docs' row order
+      gan_4step_dmt0.25_s1 gan_4step_perstep_s0 gan_4step_perstep_s1 gan_s0 gan_s1 nogan_s0 nogan_s1 init_4step init_1step)  # the docs' row order
 python experiments/fmnist_summary.py grid none "$WORK/samples.png" "${rows[@]/#/$WORK/runs/}"

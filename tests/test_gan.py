@@ -137,17 +137,59 @@ def test_multi_step_generators_refuse_regression_and_bad_timesteps():
         MultiStepGenerator(teacher_v(), (499, 999))
 
 
-@pytest.mark.parametrize("steps", [(999,), (999, 499)], ids=["one step", "two steps"])
-def test_resume_with_the_gan_and_the_real_image_stream_continues_exactly(tmp_path, steps):
+def test_a_fake_score_per_step_learns_and_guides_only_its_steps_outputs(tmp_path, monkeypatch):
+    """fake_score_per_step: copy k trains on step k's samples (denoising and GAN classifier), and step k's DM and GAN
+    terms read copy k; the other copies are left alone."""
+    from dmd_lightning import DMDModule
+    from dmd_lightning.losses import DMLoss
+
+    m = dmd2(steps=(999, 600, 300), fake_score_per_step=True)
+    assert len(m.fake_scores) == 3 and m.fake_score_of(2) is m.fake_score[2]
+    for copy in m.fake_scores[1:]:
+        assert_same_weights(m.fake_scores[0], copy)
+    steps, read, trained = [], [], []
+    generate, dm_call, step = DMDModule._generate, DMLoss.__call__, GuardedUpdate.step
+
+    def record_step(self, *args):
+        x, k = generate(self, *args)
+        steps.append(k)
+        return x, k
+
+    def record_dm(self, x, teacher, fake, *args):
+        read.append(next(i for i, f in enumerate(m.fake_scores) if f is fake))
+        return dm_call(self, x, teacher, fake, *args)
+
+    def record_update(self, module, *args):
+        if self.name == "fake_score":
+            trained.append([i for i, f in enumerate(m.fake_scores) if any(p.grad is not None for p in f.parameters())])
+        step(self, module, *args)
+
+    monkeypatch.setattr(DMDModule, "_generate", record_step)
+    monkeypatch.setattr(DMLoss, "__call__", record_dm)
+    monkeypatch.setattr(GuardedUpdate, "step", record_update)
+    fit_images(m, tmp_path, max_steps=12)  # 12 optimizer steps: 8 iterations at ratio 2
+    assert len(steps) == 8 and len(set(steps)) > 1  # the steps drawn differ between iterations
+    assert read == steps[::2]  # generator updates on every other iteration, each reading its step's copy
+    assert trained == [[k] for k in steps]
+
+
+def test_a_fake_score_per_step_needs_a_multi_step_generator():
+    with pytest.raises(ConfigError, match="multi-step generator"):
+        dmd2(fake_score_per_step=True)
+
+
+@pytest.mark.parametrize("steps, per_step", [((999,), False), ((999, 499), False), ((999, 499), True)],
+                         ids=["one step", "two steps", "two steps, a fake score per step"])
+def test_resume_with_the_gan_and_the_real_image_stream_continues_exactly(tmp_path, steps, per_step):
     torch.manual_seed(0)
-    straight = dmd2(steps)
+    straight = dmd2(steps, fake_score_per_step=per_step)
     fit_images(straight, tmp_path / "a", max_steps=9)
     torch.manual_seed(0)
-    first = dmd2(steps)
+    first = dmd2(steps, fake_score_per_step=per_step)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "b", save_last=True, every_n_train_steps=100)
     fit_images(first, tmp_path / "b", max_steps=4, callbacks=[ckpt])
     torch.manual_seed(0)
-    resumed = dmd2(steps)
+    resumed = dmd2(steps, fake_score_per_step=per_step)
     fit_images(resumed, tmp_path / "b", max_steps=9, ckpt_path=str(tmp_path / "b" / "last.ckpt"))
     assert_same_weights(straight, resumed)
 

@@ -62,6 +62,13 @@ def check_regression(generator: nn.Module, regression_loss: nn.Module | None, we
                           "set regression_loss: null for a multi-step generator")
 
 
+def check_per_step(per_step: bool, steps: int) -> None:
+    """ConfigError for a fake score per step without a multi-step generator."""
+    if per_step and steps < 2:
+        raise ConfigError("fake_score_per_step needs a multi-step generator (MultiStepGenerator with 2 or more "
+                          "timesteps); with one step there is one fake score already")
+
+
 def check_same_model(own: dict, state: dict) -> None:
     """CheckpointError, before Lightning's strict load, when a checkpoint's weights are not this model's."""
     missing = [k for k in own if k not in state]

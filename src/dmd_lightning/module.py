@@ -9,7 +9,7 @@ import torch
 from lightning import LightningModule
 from torch import Tensor, nn
 
-from dmd_lightning.checks import check_data, check_dmd_arguments, check_regression, warn_error_gain
+from dmd_lightning.checks import check_data, check_dmd_arguments, check_per_step, check_regression, warn_error_gain
 from dmd_lightning.denoisers import Denoiser
 from dmd_lightning.ema import EMA
 from dmd_lightning.gan import BottleneckClassifier, GANLoss, gan_classifier_loss, gan_generator_loss
@@ -34,6 +34,8 @@ class DMDModule(LightningModule):
     generator update, 1 without. With `optim.accumulate = N` an iteration takes N batches.
 
     The generator defaults to a copy of the teacher reading pure noise at t = T-1 (DMD Sec. 3.1; generator.py).
+    With a K-step generator one fake score (DMD2) models the mixture of all K steps' outputs; `fake_score_per_step`
+    keeps K copies instead, the k-th trained on step k's outputs and giving step k's DM gradient (and GAN features).
     Its EMA (ema.py) warms up unless `ema_warmup=False`. Validation scores the EMA generator (`val/...`) and,
     with `validate_raw`, the raw one (`val/raw/...`). `nonfinite` guards each update (update.py).
 
@@ -55,6 +57,7 @@ class DMDModule(LightningModule):
         gan: GANLoss | None = None,
         optim: Optimization = Optimization(),
         fake_updates_per_generator_update: int = 1,
+        fake_score_per_step: bool = False,
         ema_decay: float = 0.999,
         ema_warmup: bool = True,
         evaluator: Evaluator | None = None,
@@ -76,12 +79,17 @@ class DMDModule(LightningModule):
         self.teacher = teacher.requires_grad_(False).eval()
         self.generator = generator if generator is not None else OneStepGenerator.from_teacher(teacher)
         check_regression(self.generator, regression_loss, regression_weight)
-        self.fake_score = fake_score if fake_score is not None else copy.deepcopy(teacher).requires_grad_(True)
+        fake = fake_score if fake_score is not None else copy.deepcopy(teacher).requires_grad_(True)
+        steps = len(getattr(self.generator, "timesteps", ()))
+        check_per_step(fake_score_per_step, steps)
+        self.fake_score = nn.ModuleList([fake] + [copy.deepcopy(fake) for _ in range(steps - 1)]) if fake_score_per_step \
+            else fake
         self.generator.train()  # copies of the (eval-mode) teacher: Lightning keeps submodules' modes
         self.fake_score.train()
         self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False).eval()
-        # DMD2's GAN: a classifier head on the fake score's bottleneck, trained with the fake score
-        self.classifier = BottleneckClassifier(self.fake_score) if gan is not None else None
+        # DMD2's GAN: a classifier head on the fake score's bottleneck, trained with the fake score (one head for all
+        # of a per-step fake score's copies)
+        self.classifier = BottleneckClassifier(self.fake_score_of(0)) if gan is not None else None
         self.regression_loss = regression_loss
         self.evaluators = Evaluators(evaluator, raw=validate_raw)
         self.iteration = 0  # training batches done; with accumulate and the ratio they give the update phase
@@ -102,7 +110,7 @@ class DMDModule(LightningModule):
         """`compile`: the networks (not this module) compiled in place (perf.Compilation); the GAN classifier's pass
         through the fake score's encoder half too."""
         if self.compilation is not None and not getattr(self, "_compiled", False):
-            nets = (self.generator, self.fake_score, self.teacher, self.classifier)
+            nets = (self.generator, *self.fake_scores, self.teacher, self.classifier)
             self.compilation.apply(net for net in nets if net is not None)
             self._compiled = True
 
@@ -142,16 +150,17 @@ class DMDModule(LightningModule):
         # under no_grad, the GAN term the fake score and classifier with detached parameters, the fake score trains
         # on detached samples), and toggling walks every module.
         if generator_turn:
-            x = self._generate(z, cond, update)
+            x, k = self._generate(z, cond, update)
+            fake = self.fake_score_of(k)
             terms, stats = {}, {}
             if self.dm_loss.weight > 0:
                 t, eps = self._draw(x, self.teacher.schedule, self.dm_loss.t_range)
-                terms["dm"], stats = self.dm_loss(x, self.teacher, self.fake_score, cond, t, eps)
+                terms["dm"], stats = self.dm_loss(x, self.teacher, fake, cond, t, eps)
             if self.regression_loss is not None and self.hparams.regression_weight > 0 and "pair_z" in batch:
                 x_reg = self.generator(batch["pair_z"], batch.get("pair_cond"))
                 terms["regression"] = self.regression_loss(x_reg, batch["pair_x"])
             if self.gan is not None:
-                terms["gan"] = gan_generator_loss(self._logits(x, cond, frozen=True))
+                terms["gan"] = gan_generator_loss(self._logits(fake, x, cond, frozen=True))
             weights = {"dm": self.dm_loss.weight, "regression": self.hparams.regression_weight,
                        "gan": self.gan.generator_weight if self.gan else 0.0}
             self.updates["generator"].run(self, opt_g, sch_g, sum(weights[k] * v for k, v in terms.items()), terms, last,
@@ -161,14 +170,15 @@ class DMDModule(LightningModule):
             x = x.detach()
         elif self.trains_fake_score:
             with torch.no_grad():
-                x = self._generate(z, cond, update)
+                x, k = self._generate(z, cond, update)
+            fake = self.fake_score_of(k)
 
         if self.trains_fake_score:
-            t, eps = self._draw(x, self.fake_score.schedule, self.fake_loss.t_range)
-            terms = {"denoising": self.fake_loss(self.fake_score, x, cond, t, eps)}
+            t, eps = self._draw(x, fake.schedule, self.fake_loss.t_range)
+            terms = {"denoising": self.fake_loss(fake, x, cond, t, eps)}
             if self.gan is not None and "real_x" in batch:
-                terms["classifier"] = gan_classifier_loss(self._logits(batch["real_x"], batch.get("real_cond")),
-                                                          self._logits(x, cond))
+                terms["classifier"] = gan_classifier_loss(self._logits(fake, batch["real_x"], batch.get("real_cond")),
+                                                          self._logits(fake, x, cond))
             loss = terms["denoising"] + (self.gan.classifier_weight * terms["classifier"] if self.gan else 0.0)
             self.updates["fake_score"].run(self, opt_f, sch_f, loss, terms, last)
         if self.logs_now:  # each network's latest update, which need not fall on this iteration
@@ -187,21 +197,29 @@ class DMDModule(LightningModule):
         """Whether accumulated gradients await the rest of an update's micro-batches (no checkpoint then)."""
         return self.iteration % self.optim.accumulate != 0
 
-    def _generate(self, z: Tensor, cond, update: int) -> Tensor:
+    @property
+    def fake_scores(self) -> list[Denoiser]:
+        return list(self.fake_score) if isinstance(self.fake_score, nn.ModuleList) else [self.fake_score]
+
+    def fake_score_of(self, k: int) -> Denoiser:
+        """The fake score for the generator's step k: the one, or with `fake_score_per_step` the k-th copy."""
+        return self.fake_score[k] if isinstance(self.fake_score, nn.ModuleList) else self.fake_score
+
+    def _generate(self, z: Tensor, cond, update: int) -> tuple[Tensor, int]:
         """The generator's output at a random one of its K steps (drawn per update), whose input the generator
-        itself made from z without gradient (DMD2's backward simulation); for K = 1 simply G(z)."""
+        itself made from z without gradient (DMD2's backward simulation), and the step; for K = 1 simply G(z), 0."""
         if not hasattr(self.generator, "simulate"):  # a generator of the user's own (e.g. the toy's MLP)
-            return self.generator(z, cond)
+            return self.generator(z, cond), 0
         steps = len(self.generator.timesteps)
         k = self.noise.draw_index(steps, update) if steps > 1 else 0
         eps = [self._draw(z, self.teacher.schedule, (0, 1))[1] for _ in range(k)]
-        return self.generator.step(self.generator.simulate(z, k, cond, eps=eps), k, cond)
+        return self.generator.step(self.generator.simulate(z, k, cond, eps=eps), k, cond), k
 
-    def _logits(self, x0: Tensor, cond, frozen: bool = False) -> Tensor:
-        """The GAN classifier's logits for x0 noised at the fake score's t (DMD2 Sec. 4.3); frozen: the gradient
-        reaches x0 only (the generator's term)."""
-        t, eps = self._draw(x0, self.fake_score.schedule, self.fake_loss.t_range)
-        return self.classifier(self.fake_score, self.fake_score.schedule.add_noise(x0, eps, t), t, cond, frozen)
+    def _logits(self, fake: Denoiser, x0: Tensor, cond, frozen: bool = False) -> Tensor:
+        """The GAN classifier's logits on `fake`'s bottleneck for x0 noised at the fake score's t (DMD2 Sec. 4.3);
+        frozen: the gradient reaches x0 only (the generator's term)."""
+        t, eps = self._draw(x0, fake.schedule, self.fake_loss.t_range)
+        return self.classifier(fake, fake.schedule.add_noise(x0, eps, t), t, cond, frozen)
 
     def _draw(self, x: Tensor, schedule, t_range) -> tuple[Tensor, Tensor]:
         rank, world = rank_world(self)

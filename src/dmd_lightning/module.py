@@ -150,8 +150,8 @@ class DMDModule(LightningModule):
         # under no_grad, the GAN term the fake score and classifier with detached parameters, the fake score trains
         # on detached samples), and toggling walks every module.
         if generator_turn:
-            x, k = self._generate(z, cond, update)
-            fake = self.fake_score_of(k)
+            x, step = self._generate(z, cond, update)
+            fake = self.fake_score_of(step)
             terms, stats = {}, {}
             if self.dm_loss.weight > 0:
                 t, eps = self._draw(x, self.teacher.schedule, self.dm_loss.t_range)
@@ -170,8 +170,8 @@ class DMDModule(LightningModule):
             x = x.detach()
         elif self.trains_fake_score:
             with torch.no_grad():
-                x, k = self._generate(z, cond, update)
-            fake = self.fake_score_of(k)
+                x, step = self._generate(z, cond, update)
+            fake = self.fake_score_of(step)
 
         if self.trains_fake_score:
             t, eps = self._draw(x, fake.schedule, self.fake_loss.t_range)

@@ -58,6 +58,8 @@ python experiments/fmnist_summary.py steps "$WORK"/runs/gan_4step_perstep_s{0,1}
 grep -h RESULT "$WORK"/*.log
 python experiments/fmnist_summary.py table "$WORK"
 python experiments/fmnist_summary.py curves "$WORK/fid_curves.png" "$WORK"/runs/*
+# the docs' row order (the figures in the docs predate the per-step runs)
 rows=(gan_4step_s0 gan_4step_s1 gan_4step_lr2e-5_s0 gan_4step_lr2e-5_s1 nogan_4step_s0 nogan_4step_s1 gan_4step_dmt0.25_s0
-      gan_4step_dmt0.25_s1 gan_4step_perstep_s0 gan_4step_perstep_s1 gan_s0 gan_s1 nogan_s0 nogan_s1 init_4step init_1step)  # the docs' row order
+      gan_4step_dmt0.25_s1 gan_4step_perstep_s0 gan_4step_perstep_s1 gan_s0 gan_s1 nogan_s0 nogan_s1 init_4step
+      init_1step)
 python experiments/fmnist_summary.py grid none "$WORK/samples.png" "${rows[@]/#/$WORK/runs/}"

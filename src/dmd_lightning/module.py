@@ -82,8 +82,9 @@ class DMDModule(LightningModule):
         fake = fake_score if fake_score is not None else copy.deepcopy(teacher).requires_grad_(True)
         steps = len(getattr(self.generator, "timesteps", ()))
         check_per_step(fake_score_per_step, steps)
-        self.fake_score = nn.ModuleList([fake] + [copy.deepcopy(fake) for _ in range(steps - 1)]) if fake_score_per_step \
-            else fake
+        if fake_score_per_step:  # a copy for each step
+            fake = nn.ModuleList([fake] + [copy.deepcopy(fake) for _ in range(steps - 1)])
+        self.fake_score = fake
         self.generator.train()  # copies of the (eval-mode) teacher: Lightning keeps submodules' modes
         self.fake_score.train()
         self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False).eval()

@@ -2,6 +2,8 @@ import json
 import os
 import warnings
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub is imported: it reads the variable once
+
 import pytest
 import torch
 from lightning import Callback, Trainer, seed_everything
@@ -11,7 +13,6 @@ from dmd_lightning.data.stream import DMDDataModule, RealImages
 from dmd_lightning.sd.data import LatentPairGenerationDataModule, TextPairGenerator
 from dmd_lightning.sd.model import PromptEmbeddings, SDDenoiser
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
 

@@ -1,6 +1,7 @@
 """`make toy`: the three variants of DMD Fig. 3 from configs/toy2d.yaml, a PNG of their samples and a table.
 
 python -m dmd_lightning.toy2d.report [--config configs/toy2d.yaml] [--out runs/toy2d] [--max-steps N]
+    [--variants NAME ...]  (a subset of the three, by the names of VARIANTS)
 """
 
 from __future__ import annotations
@@ -56,11 +57,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     p.add_argument("--out", default="runs/toy2d")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--mixture", default="ring8")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     means, weights, std = get_mixture(a.mixture)
-    samples = {name: run_variant(a.config, out, name, ov, a.max_steps) for name, ov in VARIANTS.items()}
+    samples = {name: run_variant(a.config, out, name, VARIANTS[name], a.max_steps) for name in a.variants}
     real = sample_mixture(a.mixture, len(next(iter(samples.values()))), torch.Generator().manual_seed(0))
     table = {"real samples": mode_statistics(real, means, weights, std)}
     table |= {name: mode_statistics(x, means, weights, std) for name, x in samples.items()}

@@ -167,18 +167,23 @@ def steps(*run_dirs: str) -> dict[str, dict[str, list[float]]]:
 
 def dmstep(config: str, *checkpoints: str, bands=((0.02, 0.98),), etas=(0.0, 0.05, 0.2)) -> dict[str, list]:
     """Does the DM gradient point to better samples at each step? For each step k of a K-step run's raw generator
-    (a training checkpoint: generator and fake score), FID of its x_0 moved by -eta times the DM gradient (Eq. 7-8,
-    the mean of 4 draws of t and noise, t drawn in each band of `bands`, fractions of T); 1,000 samples of the
-    validation seeds. Returns per checkpoint, per step, per band, the FID at each eta."""
+    (a training checkpoint: generator and fake score, or with fake_score_per_step step k's copy), FID of its x_0
+    moved by -eta times the DM gradient (Eq. 7-8, the mean of 4 draws of t and noise, t drawn in each band of
+    `bands`, fractions of T); 1,000 samples of the validation seeds. Returns per checkpoint, per step, per band, the
+    FID at each eta."""
     from dmd_lightning.cli import cli
     from dmd_lightning.losses import distribution_matching_loss
 
-    run = cli(["--config", config, "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
-               "--trainer.logger", "false", "--model.init_args.evaluator", "null"], run=False)
     evaluator, draws, out = config_evaluator(), 4, {}
-    batches, m = validation_batches(FashionMNISTImages()), run.model
+    batches = validation_batches(FashionMNISTImages())
     for ckpt in checkpoints:
-        m.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"], strict=False)
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+        per_step = any(key.startswith("fake_score.0.") for key in state)  # fake_score_per_step's copies
+        m = cli(["--config", config, "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
+                 "--trainer.logger", "false", "--model.init_args.evaluator", "null",
+                 "--model.init_args.fake_score_per_step", str(per_step).lower()], run=False).model
+        missing, unexpected = m.load_state_dict(state, strict=False)  # checkpoints hold no frozen teacher
+        assert not unexpected and all(key.startswith("teacher.") for key in missing), (missing, unexpected)
         g = m.generator.eval()
         torch.manual_seed(0)
         out[ckpt] = []
@@ -191,7 +196,8 @@ def dmstep(config: str, *checkpoints: str, bands=((0.02, 0.98),), etas=(0.0, 0.0
                     grad = 0
                     for _ in range(draws):  # the loss's gradient w.r.t. x is grad / numel
                         xg = x.clone().requires_grad_(True)
-                        loss = distribution_matching_loss(xg, m.teacher, m.fake_score, b["cond"], t_range=band)[0]
+                        loss = distribution_matching_loss(xg, m.teacher, m.fake_score_of(k), b["cond"],
+                                                          t_range=band)[0]
                         loss.backward()
                         grad = grad + xg.grad * xg.numel() / draws
                     for eta in etas:

@@ -4,7 +4,7 @@
 # time on a 2-core machine; EMA FID on 1,000 samples of the validation seeds (val_seed 1) every 300 iterations, and at
 # the end on the validation and the report seeds (2); training seeds 0 and 1 of each variant; then four steps at a
 # lower lr and without the GAN; the GAN runs continued to 120 minutes; four steps with the DM loss's t capped at 0.25T,
-# and with a fake score per step.
+# with a fake score per step, and with 10 fake-score updates per generator update.
 # Then the table, the FID curves and a sample grid.
 # bash experiments/fmnist_dmd2_cpu.sh [WORK=runs/cpu_dmd2] [BUDGET=00:01:10:00]
 set -u
@@ -55,10 +55,15 @@ per=(--model.init_args.fake_score_per_step true)
 run gan_4step_perstep_s0 configs/fmnist_dmd2_4step.yaml "${per[@]}" &
 run gan_4step_perstep_s1 configs/fmnist_dmd2_4step.yaml "${per[@]}" "${s1[@]}" & wait
 python experiments/fmnist_summary.py steps "$WORK"/runs/gan_4step_perstep_s{0,1}
+# four steps with 10 fake-score updates per generator update (DMD2's SD1.5 value; the config: 5)
+r10=(--model.init_args.fake_updates_per_generator_update 10)
+run gan_4step_ratio10_s0 configs/fmnist_dmd2_4step.yaml "${r10[@]}" &
+run gan_4step_ratio10_s1 configs/fmnist_dmd2_4step.yaml "${r10[@]}" "${s1[@]}" & wait
+python experiments/fmnist_summary.py steps "$WORK"/runs/gan_4step_ratio10_s{0,1}
 grep -h RESULT "$WORK"/*.log
 python experiments/fmnist_summary.py table "$WORK"
 python experiments/fmnist_summary.py curves "$WORK/fid_curves.png" "$WORK"/runs/*
-# the docs' row order (the figures in the docs predate the per-step runs)
+# the docs' row order (the figures in the docs predate the per-step and ratio-10 runs)
 rows=(gan_4step_s0 gan_4step_s1 gan_4step_lr2e-5_s0 gan_4step_lr2e-5_s1 nogan_4step_s0 nogan_4step_s1 gan_4step_dmt0.25_s0
       gan_4step_dmt0.25_s1 gan_4step_perstep_s0 gan_4step_perstep_s1 gan_s0 gan_s1 nogan_s0 nogan_s1 init_4step
       init_1step)

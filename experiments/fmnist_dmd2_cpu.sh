@@ -4,7 +4,7 @@
 # time on a 2-core machine; EMA FID on 1,000 samples of the validation seeds (val_seed 1) every 300 iterations, and at
 # the end on the validation and the report seeds (2); training seeds 0 and 1 of each variant; then four steps at a
 # lower lr and without the GAN; the GAN runs continued to 120 minutes; four steps with the DM loss's t capped at 0.25T,
-# with a fake score per step, and with 10 fake-score updates per generator update.
+# with a fake score per step, with 10 fake-score updates per generator update, and with a step per sample.
 # Then the table, the FID curves and a sample grid.
 # bash experiments/fmnist_dmd2_cpu.sh [WORK=runs/cpu_dmd2] [BUDGET=00:01:10:00]
 set -u
@@ -60,6 +60,11 @@ r10=(--model.init_args.fake_updates_per_generator_update 10)
 run gan_4step_ratio10_s0 configs/fmnist_dmd2_4step.yaml "${r10[@]}" &
 run gan_4step_ratio10_s1 configs/fmnist_dmd2_4step.yaml "${r10[@]}" "${s1[@]}" & wait
 python experiments/fmnist_summary.py steps "$WORK"/runs/gan_4step_ratio10_s{0,1}
+# four steps with a step per sample (every batch holds the four steps in equal shares; DMD2: one step per update)
+each=(--model.init_args.step_draw sample)
+run gan_4step_each_s0 configs/fmnist_dmd2_4step.yaml "${each[@]}" &
+run gan_4step_each_s1 configs/fmnist_dmd2_4step.yaml "${each[@]}" "${s1[@]}" & wait
+python experiments/fmnist_summary.py steps "$WORK"/runs/gan_4step_each_s{0,1}
 grep -h RESULT "$WORK"/*.log
 python experiments/fmnist_summary.py table "$WORK"
 python experiments/fmnist_summary.py curves "$WORK/fid_curves.png" "$WORK"/runs/*

@@ -71,9 +71,13 @@ def test_a_non_finite_term_on_one_rank_skips_the_update_on_both(tmp_path, check)
         torch.testing.assert_close(rank0[f"generator.{name}"], value, rtol=0, atol=0, msg=name)
 
 
-def test_two_gloo_ranks_match_one_process_with_the_gan_and_real_images(tmp_path):
-    """The gradients of the first generator update (DM + GAN) and fake-score update (denoising + classifier):
-    after them Adam's first steps, lr x sign(g), turn rounding differences of near-zero gradients into lr-sized
-    ones, so parameters are not the place to compare."""
-    single = two_ranks_match_one_process(tmp_path)
+@pytest.mark.parametrize("steps, step_draw", [((999, 499), "update"), ((999, 600, 300), "sample")])
+def test_two_gloo_ranks_match_one_process_with_the_gan_and_real_images(tmp_path, steps, step_draw):
+    """The gradients of the first generator update (DM + GAN) and fake-score update (denoising + classifier) of a
+    multi-step generator, its step drawn per update or per sample (three steps: rank 1's samples are not rank 0's
+    steps again): after them Adam's first steps, lr x sign(g), turn rounding differences of near-zero gradients
+    into lr-sized ones, so parameters are not the place to compare."""
+    from conftest import dmd2
+
+    single = two_ranks_match_one_process(tmp_path, make=lambda: dmd2(steps=steps, step_draw=step_draw))
     assert any(n.startswith("generator.") for n in single[0]) and any(n.startswith("classifier.") for n in single[1])

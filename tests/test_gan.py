@@ -173,23 +173,60 @@ def test_a_fake_score_per_step_learns_and_guides_only_its_steps_outputs(tmp_path
     assert trained == [[k] for k in steps]
 
 
-def test_a_fake_score_per_step_needs_a_multi_step_generator():
+def test_a_fake_score_per_step_needs_a_multi_step_generator_and_one_step_per_update():
     with pytest.raises(ConfigError, match="multi-step generator"):
         dmd2(fake_score_per_step=True)
+    with pytest.raises(ConfigError, match="step_draw='update'"):
+        dmd2(steps=(999, 499), fake_score_per_step=True, step_draw="sample")
+    with pytest.raises(ConfigError, match="'update'"):
+        dmd2(steps=(999, 499), step_draw="batch")
 
 
-@pytest.mark.parametrize("steps, per_step", [((999,), False), ((999, 499), False), ((999, 499), True)],
-                         ids=["one step", "two steps", "two steps, a fake score per step"])
-def test_resume_with_the_gan_and_the_real_image_stream_continues_exactly(tmp_path, steps, per_step):
+def test_a_step_per_sample_simulates_each_row_as_its_own_step_would():
+    g = MultiStepGenerator.from_teacher(teacher_v(), (999, 600, 300))
+    z, cond, k = torch.randn(5, 1, 16, 16), torch.tensor([0, 1, 2, 3, 4]), torch.tensor([2, 0, 1, 2, 1])
+    eps = [torch.randn_like(z), torch.randn_like(z)]
+    with torch.no_grad():
+        x = g.simulate(z, k, cond, eps=eps)
+        out = g.step(x, k, cond)
+        for i, ki in enumerate(k.tolist()):
+            row = slice(i, i + 1)
+            x_i = g.simulate(z[row], ki, cond[row], eps=[e[row] for e in eps])
+            torch.testing.assert_close(x[row], x_i)
+            torch.testing.assert_close(out[row], g.step(x_i, ki, cond[row]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x[1], z[1])  # step 0's input is the noise itself
+
+
+def test_a_step_per_sample_gives_every_update_the_steps_in_equal_shares(tmp_path, monkeypatch):
+    from dmd_lightning import DMDModule
+
+    m = dmd2(steps=(999, 499), step_draw="sample")
+    drawn, generate = [], DMDModule._generate
+
+    def record(self, *args):
+        x, k = generate(self, *args)
+        drawn.append(k)
+        return x, k
+
+    monkeypatch.setattr(DMDModule, "_generate", record)
+    fit_images(m, tmp_path, max_steps=9)  # batch 4, two steps: each update two samples of each
+    assert len(drawn) == 6 and all(torch.bincount(k, minlength=2).tolist() == [2, 2] for k in drawn)
+    assert len({tuple(k.tolist()) for k in drawn}) == 2  # which samples take which step rotates between updates
+
+
+@pytest.mark.parametrize("steps, kw", [((999,), {}), ((999, 499), {}), ((999, 499), {"fake_score_per_step": True}),
+                                      ((999, 499), {"step_draw": "sample"})],
+                         ids=["one step", "two steps", "two steps, a fake score per step", "two steps, one per sample"])
+def test_resume_with_the_gan_and_the_real_image_stream_continues_exactly(tmp_path, steps, kw):
     torch.manual_seed(0)
-    straight = dmd2(steps, fake_score_per_step=per_step)
+    straight = dmd2(steps, **kw)
     fit_images(straight, tmp_path / "a", max_steps=9)
     torch.manual_seed(0)
-    first = dmd2(steps, fake_score_per_step=per_step)
+    first = dmd2(steps, **kw)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "b", save_last=True, every_n_train_steps=100)
     fit_images(first, tmp_path / "b", max_steps=4, callbacks=[ckpt])
     torch.manual_seed(0)
-    resumed = dmd2(steps, fake_score_per_step=per_step)
+    resumed = dmd2(steps, **kw)
     fit_images(resumed, tmp_path / "b", max_steps=9, ckpt_path=str(tmp_path / "b" / "last.ckpt"))
     assert_same_weights(straight, resumed)
 

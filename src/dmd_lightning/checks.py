@@ -62,11 +62,17 @@ def check_regression(generator: nn.Module, regression_loss: nn.Module | None, we
                           "set regression_loss: null for a multi-step generator")
 
 
-def check_per_step(per_step: bool, steps: int) -> None:
-    """ConfigError for a fake score per step without a multi-step generator."""
+def check_per_step(per_step: bool, steps: int, step_draw: str = "update") -> None:
+    """ConfigError for a fake score per step without a multi-step generator, an unknown `step_draw`, or a step per
+    sample with a fake score per step (whose update takes one step's outputs)."""
+    if step_draw not in ("update", "sample"):
+        raise ConfigError(f"step_draw={step_draw!r}: 'update' (one step per update) or 'sample' (a step per sample)")
     if per_step and steps < 2:
         raise ConfigError("fake_score_per_step needs a multi-step generator (MultiStepGenerator with 2 or more "
                           "timesteps); with one step there is one fake score already")
+    if per_step and step_draw == "sample":
+        raise ConfigError("fake_score_per_step trains copy k on step k's outputs, one step per update: use "
+                          "step_draw='update' with it")
 
 
 def check_same_model(own: dict, state: dict) -> None:

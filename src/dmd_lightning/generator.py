@@ -46,22 +46,40 @@ class OneStepGenerator(nn.Module):
     def forward(self, z: Tensor, cond=None, generator: torch.Generator | None = None) -> Tensor:
         return self.step(z, 0, cond)
 
-    def step(self, x_t: Tensor, k: int, cond=None) -> Tensor:
-        """x_0 from x_t at the k-th of `timesteps`: one denoiser evaluation."""
-        t = torch.full((x_t.shape[0],), self.timesteps[k], device=x_t.device, dtype=torch.long)
+    def step(self, x_t: Tensor, k: int | Tensor, cond=None) -> Tensor:
+        """x_0 from x_t at the k-th of `timesteps` (k: one step for the batch, or a LongTensor (B,), one per
+        sample, best on the CPU: no device synchronisation): one denoiser evaluation."""
+        if isinstance(k, Tensor):
+            t = torch.tensor(self.timesteps)[k.cpu()].to(x_t.device)
+        else:
+            t = torch.full((x_t.shape[0],), self.timesteps[k], device=x_t.device, dtype=torch.long)
         return self.denoiser(x_t, t, cond)
 
     @torch.no_grad()
-    def simulate(self, z: Tensor, k: int, cond=None, generator: torch.Generator | None = None,
+    def simulate(self, z: Tensor, k: int | Tensor, cond=None, generator: torch.Generator | None = None,
                  eps: list[Tensor] | None = None) -> Tensor:
         """The generator's own input at step k from noise z (DMD2's backward simulation): steps 0..k-1 run without
-        gradient, each x_0 noised afresh (eps[j], else drawn from `generator`) to the next timestep. k = 0: z."""
+        gradient, each x_0 noised afresh (eps[j], else drawn from `generator`) to the next timestep. k = 0: z.
+        k may be a LongTensor (B,): step j then runs on the samples with k > j only."""
+        if isinstance(k, Tensor):
+            return self._simulate_each(z, k.cpu(), cond, eps)
         x = z
         for j in range(k):
             x0 = self.step(x, j, cond)
             t = torch.full((z.shape[0],), self.timesteps[j + 1], device=z.device, dtype=torch.long)
             e = eps[j] if eps is not None else torch.randn(z.shape, device=z.device, dtype=z.dtype, generator=generator)
             x = self.denoiser.schedule.add_noise(x0, e, t).to(z.dtype)
+        return x
+
+    def _simulate_each(self, z: Tensor, k: Tensor, cond, eps: list[Tensor]) -> Tensor:
+        """`simulate` with a step per sample (k on the CPU): step j runs on the rows with k > j, so a batch with
+        the K steps in equal shares costs as many sample-evaluations as one step per batch does on average."""
+        x = z.clone()
+        for j in range(int(k.max()) if k.numel() else 0):
+            rows = (k > j).nonzero().squeeze(1).to(z.device)
+            x0 = self.step(x[rows], j, cond[rows] if cond is not None else None)
+            t = torch.full((x0.shape[0],), self.timesteps[j + 1], device=z.device, dtype=torch.long)
+            x[rows] = self.denoiser.schedule.add_noise(x0, eps[j][rows], t).to(z.dtype)
         return x
 
 

@@ -36,6 +36,9 @@ class DMDModule(LightningModule):
     The generator defaults to a copy of the teacher reading pure noise at t = T-1 (DMD Sec. 3.1; generator.py).
     With a K-step generator one fake score (DMD2) models the mixture of all K steps' outputs; `fake_score_per_step`
     keeps K copies instead, the k-th trained on step k's outputs and giving step k's DM gradient (and GAN features).
+    `step_draw` says which step's outputs an update sees: "update", one step drawn per update for the whole batch
+    (DMD2's backward simulation), or "sample", a step per sample, every global batch holding the K steps in equal
+    shares (as the official DMD2 code's denoising path without backward simulation draws them, per sample).
     Its EMA (ema.py) warms up unless `ema_warmup=False`. Validation scores the EMA generator (`val/...`) and,
     with `validate_raw`, the raw one (`val/raw/...`). `nonfinite` guards each update (update.py).
 
@@ -58,6 +61,7 @@ class DMDModule(LightningModule):
         optim: Optimization = Optimization(),
         fake_updates_per_generator_update: int = 1,
         fake_score_per_step: bool = False,
+        step_draw: str = "update",
         ema_decay: float = 0.999,
         ema_warmup: bool = True,
         evaluator: Evaluator | None = None,
@@ -81,7 +85,7 @@ class DMDModule(LightningModule):
         check_regression(self.generator, regression_loss, regression_weight)
         fake = fake_score if fake_score is not None else copy.deepcopy(teacher).requires_grad_(True)
         steps = len(getattr(self.generator, "timesteps", ()))
-        check_per_step(fake_score_per_step, steps)
+        check_per_step(fake_score_per_step, steps, step_draw)
         if fake_score_per_step:  # a copy for each step
             fake = nn.ModuleList([fake] + [copy.deepcopy(fake) for _ in range(steps - 1)])
         self.fake_score = fake
@@ -206,14 +210,20 @@ class DMDModule(LightningModule):
         """The fake score for the generator's step k: the one, or with `fake_score_per_step` the k-th copy."""
         return self.fake_score[k] if isinstance(self.fake_score, nn.ModuleList) else self.fake_score
 
-    def _generate(self, z: Tensor, cond, update: int) -> tuple[Tensor, int]:
-        """The generator's output at a random one of its K steps (drawn per update), whose input the generator
-        itself made from z without gradient (DMD2's backward simulation), and the step; for K = 1 simply G(z), 0."""
+    def _generate(self, z: Tensor, cond, update: int) -> tuple[Tensor, int | Tensor]:
+        """The generator's output at a random one of its K steps (drawn per update, or per sample with
+        `step_draw="sample"`), whose input the generator itself made from z without gradient (DMD2's backward
+        simulation), and the step(s); for K = 1 simply G(z), 0."""
         if not hasattr(self.generator, "simulate"):  # a generator of the user's own (e.g. the toy's MLP)
             return self.generator(z, cond), 0
         steps = len(self.generator.timesteps)
         k = self.noise.draw_index(steps, update) if steps > 1 else 0
-        eps = [self._draw(z, self.teacher.schedule, (0, 1))[1] for _ in range(k)]
+        if steps > 1 and self.hparams.step_draw == "sample":  # sample i of the global batch: step (i + k) mod K
+            rank, world = rank_world(self)
+            part, n = self._micro * world + rank, z.shape[0]
+            k = (torch.arange(part * n, (part + 1) * n) + k) % steps  # on the host: no device synchronisation
+        sims = steps - 1 if torch.is_tensor(k) else k  # the same draws on every rank and micro-batch
+        eps = [self._draw(z, self.teacher.schedule, (0, 1))[1] for _ in range(sims)]
         return self.generator.step(self.generator.simulate(z, k, cond, eps=eps), k, cond), k
 
     def _logits(self, fake: Denoiser, x0: Tensor, cond, frozen: bool = False) -> Tensor:

@@ -50,7 +50,7 @@ class OneStepGenerator(nn.Module):
         """x_0 from x_t at the k-th of `timesteps` (k: one step for the batch, or a LongTensor (B,), one per
         sample, best on the CPU: no device synchronisation): one denoiser evaluation."""
         if isinstance(k, Tensor):
-            t = torch.tensor(self.timesteps)[k.cpu()].to(x_t.device)
+            t = torch.tensor(self.timesteps)[k.cpu()].to(x_t.device, non_blocking=True)  # from pageable memory: no wait
         else:
             t = torch.full((x_t.shape[0],), self.timesteps[k], device=x_t.device, dtype=torch.long)
         return self.denoiser(x_t, t, cond)
@@ -76,7 +76,7 @@ class OneStepGenerator(nn.Module):
         the K steps in equal shares costs as many sample-evaluations as one step per batch does on average."""
         x = z.clone()
         for j in range(int(k.max()) if k.numel() else 0):
-            rows = (k > j).nonzero().squeeze(1).to(z.device)
+            rows = (k > j).nonzero().squeeze(1).to(z.device, non_blocking=True)
             x0 = self.step(x[rows], j, cond[rows] if cond is not None else None)
             t = torch.full((x0.shape[0],), self.timesteps[j + 1], device=z.device, dtype=torch.long)
             x[rows] = self.denoiser.schedule.add_noise(x0, eps[j][rows], t).to(z.dtype)

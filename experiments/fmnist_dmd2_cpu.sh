@@ -17,19 +17,22 @@ run() {
     --trainer.max_steps 100000 --trainer.val_check_interval 300 --data.init_args.val_size 1000 \
     --data.init_args.val_batch_size 250 --trainer.log_every_n_steps 20 "$@" > "$WORK/$name.log" 2>&1
 }
+# the four-step runs before the last pair took DMD2's one step per update (the config now: a step per sample)
+upd=(--model.init_args.step_draw update)
+s1=(--seed_everything 1 --data.init_args.seed 1)
 run gan_s0 configs/fmnist_dmd2.yaml & run nogan_s0 configs/fmnist_dmd2.yaml --model.init_args.gan null & wait
 run gan_s1 configs/fmnist_dmd2.yaml --seed_everything 1 --data.init_args.seed 1 &
-run gan_4step_s0 configs/fmnist_dmd2_4step.yaml & wait
+run gan_4step_s0 configs/fmnist_dmd2_4step.yaml "${upd[@]}" & wait
 run nogan_s1 configs/fmnist_dmd2.yaml --model.init_args.gan null --seed_everything 1 --data.init_args.seed 1 &
-run gan_4step_s1 configs/fmnist_dmd2_4step.yaml --seed_everything 1 --data.init_args.seed 1 & wait
+run gan_4step_s1 configs/fmnist_dmd2_4step.yaml "${upd[@]}" --seed_everything 1 --data.init_args.seed 1 & wait
 run init_1step configs/fmnist_dmd2.yaml --trainer.max_steps 0 &  # the untrained generators: iteration 0
-run init_4step configs/fmnist_dmd2_4step.yaml --trainer.max_steps 0 & wait
+run init_4step configs/fmnist_dmd2_4step.yaml "${upd[@]}" --trainer.max_steps 0 & wait
 # four steps at lr 2e-5 for both networks: the config's 5e-5 (set for batch 256) scaled by sqrt(32 / 256), rounded
 lr=(--model.init_args.optim.generator_lr 2e-5 --model.init_args.optim.fake_lr 2e-5)
-run gan_4step_lr2e-5_s0 configs/fmnist_dmd2_4step.yaml "${lr[@]}" &
-run gan_4step_lr2e-5_s1 configs/fmnist_dmd2_4step.yaml "${lr[@]}" --seed_everything 1 --data.init_args.seed 1 & wait
-run nogan_4step_s0 configs/fmnist_dmd2_4step.yaml --model.init_args.gan null &  # four steps without the GAN
-run nogan_4step_s1 configs/fmnist_dmd2_4step.yaml --model.init_args.gan null --seed_everything 1 --data.init_args.seed 1 &
+run gan_4step_lr2e-5_s0 configs/fmnist_dmd2_4step.yaml "${upd[@]}" "${lr[@]}" &
+run gan_4step_lr2e-5_s1 configs/fmnist_dmd2_4step.yaml "${upd[@]}" "${lr[@]}" "${s1[@]}" & wait
+run nogan_4step_s0 configs/fmnist_dmd2_4step.yaml "${upd[@]}" --model.init_args.gan null &  # four steps without the GAN
+run nogan_4step_s1 configs/fmnist_dmd2_4step.yaml "${upd[@]}" --model.init_args.gan null "${s1[@]}" &
 wait
 # the GAN runs of one and four steps continued from their checkpoints to 120 minutes of training each (Lightning's
 # Timer counts their first 70), a one-step and a four-step run side by side; then FID after each step of four steps
@@ -37,9 +40,9 @@ longer() {
   local name=$1; shift
   RESUME=$WORK/runs/$name/version_0/checkpoints/last.ckpt BUDGET=00:02:00:00 run "${name}_120m" "$@"
 }
-s1=(--seed_everything 1 --data.init_args.seed 1)
-longer gan_4step_s0 configs/fmnist_dmd2_4step.yaml & longer gan_s0 configs/fmnist_dmd2.yaml & wait
-longer gan_4step_s1 configs/fmnist_dmd2_4step.yaml "${s1[@]}" & longer gan_s1 configs/fmnist_dmd2.yaml "${s1[@]}" & wait
+longer gan_4step_s0 configs/fmnist_dmd2_4step.yaml "${upd[@]}" & longer gan_s0 configs/fmnist_dmd2.yaml & wait
+longer gan_4step_s1 configs/fmnist_dmd2_4step.yaml "${upd[@]}" "${s1[@]}" &
+longer gan_s1 configs/fmnist_dmd2.yaml "${s1[@]}" & wait
 python experiments/fmnist_summary.py steps teacher "$WORK"/runs/{gan,nogan}_4step_s{0,1} \
   "$WORK"/runs/gan_4step_s{0,1}_120m
 python experiments/fmnist_summary.py dmstep configs/fmnist_dmd2_4step.yaml \
@@ -48,17 +51,17 @@ python experiments/fmnist_summary.py dmbands configs/fmnist_dmd2_4step.yaml \
   "$WORK"/runs/gan_4step_s{0,1}_120m/version_0/checkpoints/last.ckpt  # ... from which noise levels?
 # four steps with the DM loss's t in [0.02, 0.25]T, the band whose gradient improves every step on both seeds above
 cap=(--model.init_args.dm_loss.t_range "[0.02, 0.25]")
-run gan_4step_dmt0.25_s0 configs/fmnist_dmd2_4step.yaml "${cap[@]}" &
-run gan_4step_dmt0.25_s1 configs/fmnist_dmd2_4step.yaml "${cap[@]}" "${s1[@]}" & wait
+run gan_4step_dmt0.25_s0 configs/fmnist_dmd2_4step.yaml "${upd[@]}" "${cap[@]}" &
+run gan_4step_dmt0.25_s1 configs/fmnist_dmd2_4step.yaml "${upd[@]}" "${cap[@]}" "${s1[@]}" & wait
 # four steps with a fake score per step (copy k trained on step k's outputs, giving step k's DM gradient)
 per=(--model.init_args.fake_score_per_step true)
-run gan_4step_perstep_s0 configs/fmnist_dmd2_4step.yaml "${per[@]}" &
-run gan_4step_perstep_s1 configs/fmnist_dmd2_4step.yaml "${per[@]}" "${s1[@]}" & wait
+run gan_4step_perstep_s0 configs/fmnist_dmd2_4step.yaml "${upd[@]}" "${per[@]}" &
+run gan_4step_perstep_s1 configs/fmnist_dmd2_4step.yaml "${upd[@]}" "${per[@]}" "${s1[@]}" & wait
 python experiments/fmnist_summary.py steps "$WORK"/runs/gan_4step_perstep_s{0,1}
 # four steps with 10 fake-score updates per generator update (DMD2's SD1.5 value; the config: 5)
 r10=(--model.init_args.fake_updates_per_generator_update 10)
-run gan_4step_ratio10_s0 configs/fmnist_dmd2_4step.yaml "${r10[@]}" &
-run gan_4step_ratio10_s1 configs/fmnist_dmd2_4step.yaml "${r10[@]}" "${s1[@]}" & wait
+run gan_4step_ratio10_s0 configs/fmnist_dmd2_4step.yaml "${upd[@]}" "${r10[@]}" &
+run gan_4step_ratio10_s1 configs/fmnist_dmd2_4step.yaml "${upd[@]}" "${r10[@]}" "${s1[@]}" & wait
 python experiments/fmnist_summary.py steps "$WORK"/runs/gan_4step_ratio10_s{0,1}
 # four steps with a step per sample (every batch holds the four steps in equal shares; DMD2: one step per update)
 each=(--model.init_args.step_draw sample)

@@ -195,6 +195,9 @@ def test_a_step_per_sample_simulates_each_row_as_its_own_step_would():
             torch.testing.assert_close(x[row], x_i)
             torch.testing.assert_close(out[row], g.step(x_i, ki, cond[row]), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(x[1], z[1])  # step 0's input is the noise itself
+    drawn = torch.Generator().manual_seed(5)
+    eps = [torch.randn(z.shape, generator=drawn) for _ in range(2)]  # without eps: drawn from the generator given
+    torch.testing.assert_close(g.simulate(z, k, cond, torch.Generator().manual_seed(5)), g.simulate(z, k, cond, eps=eps))
 
 
 def test_a_step_per_sample_gives_every_update_the_steps_in_equal_shares(tmp_path, monkeypatch):

@@ -62,7 +62,7 @@ class OneStepGenerator(nn.Module):
         gradient, each x_0 noised afresh (eps[j], else drawn from `generator`) to the next timestep. k = 0: z.
         k may be a LongTensor (B,): step j then runs on the samples with k > j only."""
         if isinstance(k, Tensor):
-            return self._simulate_each(z, k.cpu(), cond, eps)
+            return self._simulate_each(z, k.cpu(), cond, generator, eps)
         x = z
         for j in range(k):
             x0 = self.step(x, j, cond)
@@ -71,7 +71,8 @@ class OneStepGenerator(nn.Module):
             x = self.denoiser.schedule.add_noise(x0, e, t).to(z.dtype)
         return x
 
-    def _simulate_each(self, z: Tensor, k: Tensor, cond, eps: list[Tensor]) -> Tensor:
+    def _simulate_each(self, z: Tensor, k: Tensor, cond, generator: torch.Generator | None,
+                       eps: list[Tensor] | None) -> Tensor:
         """`simulate` with a step per sample (k on the CPU): step j runs on the rows with k > j, so a batch with
         the K steps in equal shares costs as many sample-evaluations as one step per batch does on average."""
         x = z.clone()
@@ -79,7 +80,8 @@ class OneStepGenerator(nn.Module):
             rows = (k > j).nonzero().squeeze(1).to(z.device, non_blocking=True)
             x0 = self.step(x[rows], j, cond[rows] if cond is not None else None)
             t = torch.full((x0.shape[0],), self.timesteps[j + 1], device=z.device, dtype=torch.long)
-            x[rows] = self.denoiser.schedule.add_noise(x0, eps[j][rows], t).to(z.dtype)
+            e = eps[j] if eps is not None else torch.randn(z.shape, device=z.device, dtype=z.dtype, generator=generator)
+            x[rows] = self.denoiser.schedule.add_noise(x0, e[rows], t).to(z.dtype)
         return x
 
 

@@ -104,22 +104,25 @@ def main() -> None:
     print(f"{'batch':>5} {'grad ckpt':>9} {'compiled':>8} {'s/iteration':>12} {'TFLOP/it':>9} {'MFU':>6} "
           f"{'x eager':>8} {'peak GiB':>9}", flush=True)
     rows = []
+
+    def report(r: dict, eager: dict) -> None:  # each row when measured: a run cut off at its deadline keeps them
+        s, f = r["s_per_iteration"], r["flops"]
+        r["mfu"] = f / s / peak if s and f and peak else None
+        r["speedup"] = eager["s_per_iteration"] / s if s and eager["s_per_iteration"] else None
+        cells = [f"{s:.3f}" if s else "-", f"{f / 1e12:.2f}" if f else "-",
+                 f"{r['mfu']:.1%}" if r["mfu"] else "-", f"{r['speedup']:.2f}" if r["speedup"] else "-"]
+        print(f"{r['batch']:>5} {str(r['checkpointing']):>9} {str(r['compiled']):>8} {cells[0]:>12} {cells[1]:>9} "
+              f"{cells[2]:>6} {cells[3]:>8} {r['peak_gib']!s:>9}", flush=True)
+        rows.append(r)
+
     for ckpt in (True, False) if a.no_checkpointing_too else (True,):  # an out-of-memory without it comes last
         for b in a.batch_sizes:
             eager = measure(config, b, ckpt, a.iterations, a.warmup)
-            rows.append(eager)
+            report(eager, eager)
             if not a.no_compile:
                 compiled = measure(config, b, ckpt, a.iterations, a.warmup, compile=True, compile_mode=a.compile_mode)
                 compiled["flops"] = eager["flops"]  # the same math (its Throughput is left out: it is not timed)
-                rows.append(compiled)
-            for r in rows[-1 if a.no_compile else -2:]:
-                s, f = r["s_per_iteration"], r["flops"]
-                r["mfu"] = f / s / peak if s and f and peak else None
-                r["speedup"] = eager["s_per_iteration"] / s if s and eager["s_per_iteration"] else None
-                cells = [f"{s:.3f}" if s else "-", f"{f / 1e12:.2f}" if f else "-",
-                         f"{r['mfu']:.1%}" if r["mfu"] else "-", f"{r['speedup']:.2f}" if r["speedup"] else "-"]
-                print(f"{b:>5} {str(ckpt):>9} {str(r['compiled']):>8} {cells[0]:>12} {cells[1]:>9} {cells[2]:>6} "
-                      f"{cells[3]:>8} {r['peak_gib']!s:>9}", flush=True)
+                report(compiled, eager)
     print(json.dumps({"device": device, "rows": rows}))
 
 

@@ -60,24 +60,13 @@ class OneStepGenerator(nn.Module):
                  eps: list[Tensor] | None = None) -> Tensor:
         """The generator's own input at step k from noise z (DMD2's backward simulation): steps 0..k-1 run without
         gradient, each x_0 noised afresh (eps[j], else drawn from `generator`) to the next timestep. k = 0: z.
-        k may be a LongTensor (B,): step j then runs on the samples with k > j only."""
-        if isinstance(k, Tensor):
-            return self._simulate_each(z, k.cpu(), cond, generator, eps)
-        x = z
-        for j in range(k):
-            x0 = self.step(x, j, cond)
-            t = torch.full((z.shape[0],), self.timesteps[j + 1], device=z.device, dtype=torch.long)
-            e = eps[j] if eps is not None else torch.randn(z.shape, device=z.device, dtype=z.dtype, generator=generator)
-            x = self.denoiser.schedule.add_noise(x0, e, t).to(z.dtype)
-        return x
-
-    def _simulate_each(self, z: Tensor, k: Tensor, cond, generator: torch.Generator | None,
-                       eps: list[Tensor] | None) -> Tensor:
-        """`simulate` with a step per sample (k on the CPU): step j runs on the rows with k > j, so a batch with
-        the K steps in equal shares costs as many sample-evaluations as one step per batch does on average."""
+        k may be a LongTensor (B,), best on the CPU: step j then runs on the rows with k > j only, so a batch with the
+        K steps in equal shares costs as many sample-evaluations as one step per batch does on average."""
+        each = isinstance(k, Tensor)
+        k = k.cpu() if each else k
         x = z.clone()
-        for j in range(int(k.max()) if k.numel() else 0):
-            rows = (k > j).nonzero().squeeze(1).to(z.device, non_blocking=True)
+        for j in range((int(k.max()) if k.numel() else 0) if each else k):
+            rows = (k > j).nonzero().squeeze(1).to(z.device, non_blocking=True) if each else slice(None)
             x0 = self.step(x[rows], j, cond[rows] if cond is not None else None)
             t = torch.full((x0.shape[0],), self.timesteps[j + 1], device=z.device, dtype=torch.long)
             e = eps[j] if eps is not None else torch.randn(z.shape, device=z.device, dtype=z.dtype, generator=generator)

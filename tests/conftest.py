@@ -44,6 +44,23 @@ def assert_same_weights(expected, got, rtol: float = 0.0, atol: float = 0.0):
         torch.testing.assert_close(b[k], a[k], rtol=rtol, atol=atol, msg=k)
 
 
+def assert_same_tree(a, b, where="obj"):
+    """Equal values of equal types, tensors bit for bit with their dtype and shape."""
+    assert type(a) is type(b), f"{where}: {type(a)} != {type(b)}"
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert list(a) == list(b), where
+        for k in a:
+            assert_same_tree(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tree(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
 def assert_same_gradients(expected: list[dict], got: list[dict], rtol: float = 1e-4, atol: float = 1e-6):
     """Per optimizer step, the same parameters received the same gradients."""
     for step, (a, b) in enumerate(zip(expected, got)):

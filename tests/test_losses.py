@@ -72,6 +72,11 @@ def test_dm_loss_gradient_is_the_normalized_score_difference():
     w = (x.detach() - mu_r).abs().mean(dim=(1, 2, 3), keepdim=True)
     torch.testing.assert_close(g * x.numel(), (mu_f - mu_r) / w, rtol=1e-4, atol=1e-5)
     assert set(stats) >= {"dm/weight_mean", "dm/weight_min", "dm/weight_max", "dm/nonfinite"}
+    torch.manual_seed(1)
+    loss, stats = distribution_matching_loss(x, real, fake, t=t, normalize=False)  # unweighted, image-shaped x
+    (g,) = torch.autograd.grad(loss, x)
+    torch.testing.assert_close(g * x.numel(), mu_f - mu_r, rtol=1e-4, atol=1e-5)
+    assert stats["dm/weight_min"] == stats["dm/weight_max"] == 1
 
 
 def test_dm_loss_zeroes_non_finite_gradients_and_counts_them():

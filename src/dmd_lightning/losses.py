@@ -53,7 +53,7 @@ def distribution_matching_loss(
         mu_real = guided(real, x_t, t, cond, guidance_scale).float()
         mu_fake = fake(x_t, t, cond).float() if fake is not None else x0
         grad = mu_fake - mu_real
-        scale = _per_sample_mean((x0 - mu_real).abs()) if normalize else torch.ones_like(x0[:, 0].flatten())
+        scale = _per_sample_mean((x0 - mu_real).abs()) if normalize else x0.new_ones(x0.shape[0])
         grad = grad / expand_like(scale, grad)
         nonfinite = (~torch.isfinite(grad)).sum()
         grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)

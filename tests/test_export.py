@@ -59,6 +59,26 @@ def test_pixel_export_runs_in_diffusers_as_the_generator(steps, tmp_path):
     assert ("timesteps=" in code) == (steps == (999, 500, 100))  # num_inference_steps alone where it gives them
 
 
+def test_a_batch_gives_the_same_images_on_any_rank(tmp_path):
+    """The noise between steps is seeded by the batch's global index: on rank 1 of 2, local batch b is global batch
+    2b + 1, and its images are those of one process (checkpoint and exported folder alike)."""
+    from types import SimpleNamespace
+
+    from dmd_lightning.export.pretrained import ExportedGenerator
+
+    module = student((999, 499))
+    export_module(module, tmp_path / "export")
+    exported = ExportedGenerator(str(tmp_path / "export"))
+    g = torch.Generator().manual_seed(3)
+    batches = [{"z": torch.randn(2, 1, 16, 16, generator=g), "cond": torch.tensor([1, 2])} for _ in range(4)]
+    for model in (module, exported):
+        one = [model.predict_step(b, i)["x"] for i, b in enumerate(batches)]
+        model._trainer = SimpleNamespace(global_rank=1, world_size=2)  # what Lightning's DDP would attach
+        two = [model.predict_step(b, i)["x"] for i, b in enumerate(batches[1::2])]
+        torch.testing.assert_close(two, one[1::2], atol=1e-6, rtol=0)
+        assert not torch.allclose(one[0], model.predict_step(batches[0], 0)["x"])  # not just the batch's noise
+
+
 def test_export_of_the_raw_generator_in_half_precision(tmp_path):
     module = student((999,))
     export_module(module, tmp_path / "export", ema=False, dtype="float16")

@@ -19,7 +19,7 @@ from dmd_lightning.losses import DenoisingLoss, DMLoss
 from dmd_lightning.metrics.evaluation import Evaluator, Evaluators
 from dmd_lightning.optim import Optimization
 from dmd_lightning.perf import Compilation
-from dmd_lightning.rng import GlobalNoise, rank_world
+from dmd_lightning.rng import GlobalNoise, batch_seed, rank_world
 from dmd_lightning.state import load_state, restore_rng, save_state, warm_start
 from dmd_lightning.update import GuardedUpdate, NonFinite
 
@@ -261,7 +261,7 @@ class DMDModule(LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         for evaluator, ema in self.evaluators.active().values():
-            samples = self.sample(batch["z"], batch.get("cond"), ema=ema, seed=batch_idx)
+            samples = self.sample(batch["z"], batch.get("cond"), ema=ema, seed=batch_seed(self, batch_idx))
             evaluator.update(samples, batch)
             if batch_idx == 0 and not self.trainer.sanity_checking:  # fixed seeds and labels: the same images
                 log_grid(self.logger, f"samples/{'ema' if ema else 'raw'}", samples[:64], self.global_step)
@@ -274,7 +274,7 @@ class DMDModule(LightningModule):
     on_test_epoch_end = on_validation_epoch_end
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        return {"x": self.sample(batch["z"], batch.get("cond"), seed=batch_idx), **batch}
+        return {"x": self.sample(batch["z"], batch.get("cond"), seed=batch_seed(self, batch_idx)), **batch}
 
     # ----------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:

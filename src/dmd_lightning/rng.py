@@ -26,6 +26,14 @@ def rank_world(obj) -> tuple[int, int]:
     return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
 
+def batch_seed(module, batch_idx: int) -> int:
+    """The global index of this rank's evaluation batch `batch_idx` (Lightning's DistributedSampler deals batch
+    b * world_size + rank to each rank as its b-th): the seed of a multi-step generator's noise between steps, so that
+    a batch gives the same images on any number of ranks."""
+    rank, world = rank_world(module)
+    return batch_idx * world + rank
+
+
 def set_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
     if states["cuda"] and torch.cuda.is_available():

@@ -81,7 +81,7 @@ class TeacherModule(LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        self.averager.update(self.global_step)
+        self.averager.update(self.global_step - 1)  # after the optimizer's step: the updates before it
 
     def on_train_start(self) -> None:
         self.averager.reset()  # a device move since the last fit replaces buffers

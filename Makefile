@@ -24,7 +24,7 @@ demo: $(STAMP) data
 pairs: $(STAMP)
 	dmd pairs --config configs/fmnist_pairs.yaml
 
-## DMD Fig. 3 on a 2-D mixture: three variants, a PNG and a table (about 2 minutes on 2 CPU cores).
+## DMD Fig. 3 on a 2-D mixture: three variants, a PNG and a table (about 70 s on 2 CPU cores).
 toy: $(STAMP)
 	$(PYTHON) -m dmd_lightning.toy2d.report --config configs/toy2d.yaml --out runs/toy2d
 

@@ -15,7 +15,7 @@ def positive(v) -> bool:
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     threads = torch.get_num_threads()
-    bench.quiet()
+    bench.silence()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)

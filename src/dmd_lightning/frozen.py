@@ -1,4 +1,4 @@
-"""Networks that never train (the teacher, the EMA generator, metric networks): kept in eval mode through
+"""Networks that never train (the teacher, the regression loss's and the metrics' networks): kept in eval mode through
 Lightning's `.train()` calls, and left out of checkpoints, which then take their weights from their own files."""
 
 from __future__ import annotations

@@ -29,7 +29,8 @@ class NonFinite:
     """What a non-finite loss term or gradient does to an update: `action="skip"` leaves the weights and the
     optimizer's state as they were (training stops after `max_consecutive` skips in a row, or at once if the
     network's weights are non-finite: every later update would be skipped too); `action="stop"` stops training.
-    `check="update"` decides on the host after each update (a skipped update does not count towards max_steps);
+    `check="update"` decides on the host after each update (a skipped update does not count towards max_steps,
+    except a non-finite gradient under 16-mixed: GradScaler's own skipped step is an optimizer step to Lightning);
     `check="logging"` skips on the device without synchronising and reports (and stops) at the next logging step
     (a skipped update then still counts as a step and advances the lr schedule); the losses then go to the logger
     but not to the progress bar, whose metrics Lightning turns into numbers after every batch (a synchronisation

@@ -1,6 +1,6 @@
 """Data for Stable Diffusion: prompt files, latent regression pairs (`dmd pairs`), and DMD's training batches.
 
-A latent pair folder has pair_data.py's layout (manifest.json, shards of `index`, `noise`, `x` (float16 latents))
+A latent pair folder has data/format.py's layout (manifest.json, shards of `index`, `noise`, `x` (float16 latents))
 plus `prompt_index` (n,) per shard and `prompts.json`, the prompt list it indexes: prompt embeddings are not
 stored with the pairs but recomputed once (PromptEmbeddings' cache) from the prompts.
 """
@@ -60,6 +60,12 @@ def prompts_digest(prompts: list[str]) -> str:
     return hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]
 
 
+
+def device_of(datamodule) -> torch.device | str:
+    """Where the attached trainer computes (the text encoder and VAE run there), the CPU without a trainer."""
+    return datamodule.trainer.strategy.root_device if datamodule.trainer is not None else "cpu"
+
+
 class TextPairGenerator(PairGenerator):
     """PairGenerator for text-to-image teachers: defaults of the DMD paper's SD pairs (PNDM, 50 steps, guidance
     3). Prompt embeddings arrive as `cond` and are dropped from what is stored (`prompt_index` is kept)."""
@@ -107,11 +113,8 @@ class LatentPairGenerationDataModule(PairGenerationDataModule):
         return {**super().layout(), "num_prompts": len(self.prompts), "prompts_sha256": prompts_digest(self.prompts),
                 "text_encoder": self.text_encoder}
 
-    def _device(self):
-        return self.trainer.strategy.root_device if self.trainer is not None else "cpu"
-
     def prepare_data(self) -> None:
-        self.embedder.build(self.prompts, self._device())  # once per node; setup() then only reads the file
+        self.embedder.build(self.prompts, device_of(self))  # once per node; setup() then only reads the file
 
     def setup(self, stage: str | None = None) -> None:
         path = self.out_dir / PROMPTS
@@ -121,7 +124,7 @@ class LatentPairGenerationDataModule(PairGenerationDataModule):
         elif self.rank()[0] == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(path, json.dumps(self.prompts).encode())
-        self.embeddings = self.embedder.load(self.prompts, self._device())
+        self.embeddings = self.embedder.load(self.prompts, device_of(self))
 
     def predict_dataloader(self) -> DataLoader:
         def make(indices: range) -> dict[str, Tensor]:
@@ -203,10 +206,7 @@ class SDDMDDataModule(StreamDataModule):
         return {"train": read_prompts(hp.prompts), "val": read_prompts(hp.val_prompts or hp.prompts),
                 "pairs": json.loads((Path(hp.pairs_dir) / PROMPTS).read_text())
                 if hp.pairs_dir is not None and (Path(hp.pairs_dir) / PROMPTS).is_file() else [],
-                "real": self.real.load(self._device()).captions if self.real is not None else []}
-
-    def _device(self):
-        return self.trainer.strategy.root_device if self.trainer is not None else "cpu"
+                "real": self.real.load(device_of(self)).captions if self.real is not None else []}
 
     def _cached(self, lists: dict[str, list[str]]) -> dict[str, list[str]]:
         """The prompt lists whose embeddings are cached: all, or with embed="device" the validation prompts."""
@@ -215,7 +215,7 @@ class SDDMDDataModule(StreamDataModule):
     def prepare_data(self) -> None:
         for prompts in self._cached(self.prompt_lists()).values():
             if prompts:
-                self.embedder.build(prompts, self._device())
+                self.embedder.build(prompts, device_of(self))
 
     def setup(self, stage: str | None = None) -> None:
         if self.pairs is not None or getattr(self, "val_prompts", None) is not None:
@@ -224,7 +224,7 @@ class SDDMDDataModule(StreamDataModule):
         if self.hparams.pairs_dir is not None:
             self.pairs = LatentPairDataset(self.hparams.pairs_dir, expect=self.hparams.expect)
         self.val_prompts = lists["val"]
-        self.embeddings = {k: self.embedder.load(v, self._device()) for k, v in self._cached(lists).items()}
+        self.embeddings = {k: self.embedder.load(v, device_of(self)) for k, v in self._cached(lists).items()}
         self.prompts = lists
         if self.real is not None and tuple(self.real.images.shape[1:]) != self.sample_shape:
             raise ConfigError(f"real latents of shape {tuple(self.real.images.shape[1:])} (resolution "

@@ -44,7 +44,7 @@ from dmd_lightning.tools.bench_cases import (
     make_case,
     median,
     median_time,
-    quiet,
+    silence,
     training_state_bytes,
 )
 from dmd_lightning.tools.bench_report import DMD_STEP_TARGET, PAIRS_TARGET, machine, markdown
@@ -307,7 +307,7 @@ def peak_memory(name: str, quick: bool, checkpointing: bool) -> int:
 
 
 def _child(threads: int, *args) -> None:
-    quiet()
+    silence()
     torch.set_num_threads(threads)
     step_peak(*args)
 
@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="torch CPU threads (0: torch's default). 1 by default: on a small machine shared with other "
                         "jobs, intra-op threads wait on each other and every figure becomes noise")
     a = p.parse_args(argv)
-    quiet()
+    silence()
     if a.threads > 0 and not torch.cuda.is_available():
         torch.set_num_threads(a.threads)
     names = list(a.models) + (["sd15"] if a.sd15 and torch.cuda.is_available() else [])

@@ -47,8 +47,9 @@ class Case:
         return torch.randn((n, *self.shape), generator=torch.Generator().manual_seed(seed)).to(device())
 
 
-def quiet() -> None:
-    """Lightning's banners and the libraries' warnings would bury the table."""
+def silence() -> None:
+    """Every warning and Lightning's banners off: they would bury the table (dmd's own `quiet` drops only the
+    project's known ones)."""
     import logging
     import warnings
 

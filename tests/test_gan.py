@@ -76,16 +76,16 @@ def test_unets_whose_encoder_half_is_not_reproduced_are_refused():
 
 
 def test_the_generators_term_reaches_only_the_samples_also_with_gradient_checkpointing():
-    """frozen=True: the same gradient to x_t as a plain pass, none to the fake score or head, also when the fake
-    score recomputes its activations in backward (the SD configs checkpoint)."""
+    """input_gradient_only: the same gradient to x_t as a plain pass, none to the fake score or head, also when the
+    fake score recomputes its activations in backward (the SD configs checkpoint)."""
     m = dmd2()
     m.fake_score.unet.enable_gradient_checkpointing()
     x, t, cond = torch.randn(3, 1, 16, 16), torch.tensor([10, 500, 999]), torch.tensor([1, 2, 3])
     grads = []
-    for frozen in (False, True):
+    for logits in (m.classifier, m.classifier.input_gradient_only):
         m.zero_grad(set_to_none=True)
         x_t = x.clone().requires_grad_(True)
-        m.classifier(m.fake_score, x_t, t, cond, frozen=frozen).sum().backward()
+        logits(m.fake_score, x_t, t, cond).sum().backward()
         grads.append(x_t.grad)
     assert all(p.grad is None for p in [*m.fake_score.parameters(), *m.classifier.parameters()])
     torch.testing.assert_close(grads[1], grads[0])

@@ -39,22 +39,23 @@ class BottleneckClassifier(nn.Module):
                                   nn.GroupNorm(min(32, hidden // 4) or 1, hidden), nn.SiLU(),
                                   nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(hidden, 1))
 
-    def forward(self, denoiser: Denoiser, x_t: Tensor, t: Tensor, cond=None, frozen: bool = False) -> Tensor:
-        """Logits (B,) from the features of `denoiser` (the fake score this head was built for) at (x_t, t).
-
-        frozen: the gradient reaches x_t only, not the fake score or this head (the generator's GAN term): no
-        backward pass of the generator's loss touches their parameters (which DDP requires); see _GradToInputOnly.
-        """
-        if frozen:
-            return _GradToInputOnly.apply(x_t, lambda x: self._logits(denoiser, x, t, cond))
+    def forward(self, denoiser: Denoiser, x_t: Tensor, t: Tensor, cond=None) -> Tensor:
+        """Logits (B,) from the features of `denoiser` (the fake score this head was built for) at (x_t, t): the
+        classifier's own loss, whose gradient trains this head and the fake score's encoder half."""
         return self._logits(denoiser, x_t, t, cond)
+
+    def input_gradient_only(self, denoiser: Denoiser, x_t: Tensor, t: Tensor, cond=None) -> Tensor:
+        """The same logits for the generator's GAN term: the gradient reaches x_t only, not the fake score or this
+        head, so no backward pass of the generator's loss touches their parameters (which DDP requires); see
+        _GradToInputOnly."""
+        return _GradToInputOnly.apply(x_t, lambda x: self._logits(denoiser, x, t, cond))
 
     def _logits(self, denoiser: Denoiser, x_t: Tensor, t: Tensor, cond) -> Tensor:
         return self.head(unet_bottleneck(denoiser, x_t, t, cond).float()).squeeze(1)
 
     def compile(self, *args, **kwargs) -> None:
         """nn.Module.compile's contract (torch.compile's arguments, in place) for the pass that matters: the logits'
-        (the fake score's encoder half and this head), not `forward`, whose frozen branch wraps it in an autograd
+        (the fake score's encoder half and this head), not `input_gradient_only`, which wraps it in an autograd
         Function. The encoder's blocks are the fake score's own modules, which its compiled forward never sees."""
         self._logits = torch.compile(self._logits, *args, **kwargs)
 

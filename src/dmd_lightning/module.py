@@ -165,7 +165,7 @@ class DMDModule(LightningModule):
                 x_reg = self.generator(batch["pair_z"], batch.get("pair_cond"))
                 terms["regression"] = self.regression_loss(x_reg, batch["pair_x"])
             if self.gan is not None:
-                terms["gan"] = gan_generator_loss(self._logits(fake, x, cond, frozen=True))
+                terms["gan"] = gan_generator_loss(self.classifier.input_gradient_only(fake, *self._noised(fake, x), cond))
             weights = {"dm": self.dm_loss.weight, "regression": self.hparams.regression_weight,
                        "gan": self.gan.generator_weight if self.gan else 0.0}
             self.updates["generator"].run(self, opt_g, sch_g, sum(weights[k] * v for k, v in terms.items()), terms, last,
@@ -182,8 +182,8 @@ class DMDModule(LightningModule):
             t, eps = self._draw(x, fake.schedule, self.fake_loss.t_range)
             terms = {"denoising": self.fake_loss(fake, x, cond, t, eps)}
             if self.gan is not None and "real_x" in batch:
-                terms["classifier"] = gan_classifier_loss(self._logits(fake, batch["real_x"], batch.get("real_cond")),
-                                                          self._logits(fake, x, cond))
+                real = self.classifier(fake, *self._noised(fake, batch["real_x"]), batch.get("real_cond"))
+                terms["classifier"] = gan_classifier_loss(real, self.classifier(fake, *self._noised(fake, x), cond))
             loss = terms["denoising"] + (self.gan.classifier_weight * terms["classifier"] if self.gan else 0.0)
             self.updates["fake_score"].run(self, opt_f, sch_f, loss, terms, last)
         if self.logs_now:  # each network's latest update, which need not fall on this iteration
@@ -226,11 +226,10 @@ class DMDModule(LightningModule):
         eps = [self._draw(z, self.teacher.schedule, (0, 1))[1] for _ in range(sims)]
         return self.generator.step(self.generator.simulate(z, k, cond, eps=eps), k, cond), k
 
-    def _logits(self, fake: Denoiser, x0: Tensor, cond, frozen: bool = False) -> Tensor:
-        """The GAN classifier's logits on `fake`'s bottleneck for x0 noised at the fake score's t (DMD2 Sec. 4.3);
-        frozen: the gradient reaches x0 only (the generator's term)."""
+    def _noised(self, fake: Denoiser, x0: Tensor) -> tuple[Tensor, Tensor]:
+        """(x_t, t): x0 noised at a t of the fake score's range, where the GAN classifier reads it (DMD2 Sec. 4.3)."""
         t, eps = self._draw(x0, fake.schedule, self.fake_loss.t_range)
-        return self.classifier(fake, fake.schedule.add_noise(x0, eps, t), t, cond, frozen)
+        return fake.schedule.add_noise(x0, eps, t), t
 
     def _draw(self, x: Tensor, schedule, t_range) -> tuple[Tensor, Tensor]:
         rank, world = rank_world(self)

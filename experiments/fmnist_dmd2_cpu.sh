@@ -4,7 +4,8 @@
 # time on a 2-core machine; EMA FID on 1,000 samples of the validation seeds (val_seed 1) every 300 iterations, and at
 # the end on the validation and the report seeds (2); training seeds 0 and 1 of each variant; then four steps at a
 # lower lr and without the GAN; the GAN runs continued to 120 minutes; four steps with the DM loss's t capped at 0.25T,
-# with a fake score per step, with 10 fake-score updates per generator update, and with a step per sample.
+# with a fake score per step, with 10 fake-score updates per generator update, and with a step per sample (continued to
+# 120 minutes, and without the GAN).
 # Then the table, the FID curves and a sample grid.
 # bash experiments/fmnist_dmd2_cpu.sh [WORK=runs/cpu_dmd2] [BUDGET=00:01:10:00]
 set -u
@@ -68,6 +69,13 @@ each=(--model.init_args.step_draw sample)
 run gan_4step_each_s0 configs/fmnist_dmd2_4step.yaml "${each[@]}" &
 run gan_4step_each_s1 configs/fmnist_dmd2_4step.yaml "${each[@]}" "${s1[@]}" & wait
 python experiments/fmnist_summary.py steps "$WORK"/runs/gan_4step_each_s{0,1}
+# ... continued to 120 minutes, as the GAN runs above; and the same without the GAN (70 minutes)
+longer gan_4step_each_s0 configs/fmnist_dmd2_4step.yaml "${each[@]}" &
+longer gan_4step_each_s1 configs/fmnist_dmd2_4step.yaml "${each[@]}" "${s1[@]}" & wait
+python experiments/fmnist_summary.py steps "$WORK"/runs/gan_4step_each_s{0,1}_120m
+run nogan_4step_each_s0 configs/fmnist_dmd2_4step.yaml "${each[@]}" --model.init_args.gan null &
+run nogan_4step_each_s1 configs/fmnist_dmd2_4step.yaml "${each[@]}" --model.init_args.gan null "${s1[@]}" & wait
+python experiments/fmnist_summary.py steps "$WORK"/runs/nogan_4step_each_s{0,1}
 grep -h RESULT "$WORK"/*.log
 python experiments/fmnist_summary.py table "$WORK"
 python experiments/fmnist_summary.py curves "$WORK/fid_curves.png" "$WORK"/runs/*

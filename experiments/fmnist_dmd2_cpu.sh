@@ -79,8 +79,11 @@ python experiments/fmnist_summary.py steps "$WORK"/runs/nogan_4step_each_s{0,1}
 grep -h RESULT "$WORK"/*.log
 python experiments/fmnist_summary.py table "$WORK"
 python experiments/fmnist_summary.py curves "$WORK/fid_curves.png" "$WORK"/runs/*
-# the docs' row order (the figures in the docs predate the per-step and ratio-10 runs)
+# the sample grids of the docs: the first runs, then the later four-step variants
 rows=(gan_4step_s0 gan_4step_s1 gan_4step_lr2e-5_s0 gan_4step_lr2e-5_s1 nogan_4step_s0 nogan_4step_s1 gan_4step_dmt0.25_s0
       gan_4step_dmt0.25_s1 gan_4step_perstep_s0 gan_4step_perstep_s1 gan_s0 gan_s1 nogan_s0 nogan_s1 init_4step
       init_1step)
 python experiments/fmnist_summary.py grid none "$WORK/samples.png" "${rows[@]/#/$WORK/runs/}"
+later=(gan_4step_each_s0 gan_4step_each_s1 gan_4step_each_s0_120m gan_4step_each_s1_120m nogan_4step_each_s0
+       nogan_4step_each_s1 gan_4step_perstep_s0 gan_4step_perstep_s1 gan_4step_ratio10_s0 gan_4step_ratio10_s1)
+python experiments/fmnist_summary.py grid none "$WORK/samples_later.png" "${later[@]/#/$WORK/runs/}"

@@ -17,8 +17,10 @@ python experiments/fmnist_summary.py dmstep CONFIG CKPT...           FID after e
                                                                    0.05, 0.2): does the gradient point to better samples
 python experiments/fmnist_summary.py dmbands CONFIG CKPT...          the same with the DM loss's t in one quarter of
                                                                    [0.02T, 0.98T] at a time (eta 0.01, 0.05, 0.2)
-python experiments/fmnist_summary.py curves OUT_PNG RUN_DIR...         EMA FID on the validation seeds against iterations,
-                                                                   one line per run (needs matplotlib); a run of no
+python experiments/fmnist_summary.py curves OUT_PNG RUN...             EMA FID on the validation seeds against iterations,
+                                                                   one line per run, one and four steps apart (needs
+                                                                   matplotlib); RUN: a run folder or its result JSON
+                                                                   (docs/data/fmnist_dmd2_cpu/*.json); a run of no
                                                                    iteration (max_steps 0) gives iteration 0 of the
                                                                    runs of its config; a run resumed from another's
                                                                    checkpoint (RESUME) extends that run's line
@@ -95,7 +97,8 @@ def fid_curve(run_dir: Path) -> list[tuple[int, float]]:
         if "val/fid" in tags and "train/iteration" in tags:
             its = ea.Scalars("train/iteration")
             for e in ea.Scalars("val/fid"):  # val/fid is logged at a global step; the iteration logged nearest it
-                curve[int(min(its, key=lambda i: abs(i.step - e.step)).value)] = round(e.value, 2)
+                # the first of two that share an iteration: the periodic one, not the one when the fit ends
+                curve.setdefault(int(min(its, key=lambda i: abs(i.step - e.step)).value), round(e.value, 2))
     return sorted(curve.items())
 
 
@@ -226,33 +229,50 @@ def variant_seed(name: str) -> tuple[str, int]:
     return (head, int(seed)) if sep and seed.isdigit() else (name, 0)
 
 
-def curves(out_png: str, *run_dirs: str) -> None:
+def run_result(source: Path) -> tuple[str, dict]:
+    """(run name, result) of a run folder (its result.json; the curve read from its TensorBoard events when the
+    result lacks one) or of a result JSON such as docs/data/fmnist_dmd2_cpu/NAME.json."""
+    if source.is_dir():
+        result = json.loads((source / "result.json").read_text())
+        result.setdefault("curve", fid_curve(source))
+        return source.name, result
+    return source.stem, json.loads(source.read_text())
+
+
+def curve_points(result: dict) -> list[tuple[int, float]]:
+    """The validations during training (every 300 iterations), then the final one at the end of the budget."""
+    during = [(int(i), v) for i, v in result.get("curve", []) if int(i) % 300 == 0 and int(i) < result["iterations"]]
+    return during + [(result["iterations"], result["val/fid"])]
+
+
+def curves(out_png: str, *sources: str) -> None:
+    """Two panels, one step and four steps: one colour per variant, a line style per seed; a run resumed from
+    another's checkpoint continues that run's line; runs of no iteration give each line of their config its start."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = {run: json.loads((run / "result.json").read_text()) for run in map(Path, run_dirs)}
-    # runs of no iteration (--trainer.max_steps 0): the untrained generator of their config, each curve's first point
+    runs = dict(run_result(Path(s)) for s in sources)
     start = {r["config"]: r["val/fid"] for r in runs.values() if r["iterations"] == 0}
-    variants = sorted({variant_seed(run.name)[0] for run, r in runs.items() if not r.get("resumed_from")})
-    fig, ax = plt.subplots(figsize=(7, 4.5))  # one colour per variant, a line style per seed
-    for run, r in runs.items():
-        if r["iterations"] == 0:
-            continue
-        points, label = fid_curve(run), run.name
-        if r.get("resumed_from"):  # continues its origin's line (RESUME=.../ORIGIN/version_0/checkpoints/x.ckpt)
-            origin = Path(r["resumed_from"]).parents[2]
-            points, label = fid_curve(origin)[-1:] + points, "_" + run.name
-            run = origin
-        elif r["config"] in start:
-            points = [(0, start[r["config"]])] + points
-        variant, seed = variant_seed(run.name)
-        ax.plot(*zip(*points), marker="o", markersize=3, linestyle=["-", "--", ":"][seed % 3],
-                color=f"C{variants.index(variant)}", label=label)
-    ax.set(xlabel="iteration", ylabel="FID (EMA generator, validation seeds)", yscale="log")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    continued = {Path(r["resumed_from"]).parents[2].name: name for name, r in runs.items() if r.get("resumed_from")}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    for ax, steps in zip(axes, (1, 4)):
+        names = [n for n, r in runs.items() if r["iterations"] and not r.get("resumed_from")
+                 and len(r.get("steps", [999])) == steps]
+        variants = sorted({variant_seed(n)[0] for n in names})
+        for name in sorted(names):
+            r = runs[name]
+            points = ([(0, start[r["config"]])] if r["config"] in start else []) + curve_points(r)
+            if name in continued:
+                points += curve_points(runs[continued[name]])
+            variant, seed = variant_seed(name)
+            ax.plot(*zip(*points), marker="o", markersize=3, linestyle=["-", "--", ":"][seed % 3],
+                    color=f"C{variants.index(variant) % 10}", label=name + (" (to 120 min)" if name in continued else ""))
+        ax.set(title=f"{steps} step{'s' * (steps > 1)}", xlabel="iteration", yscale="log")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    axes[0].set_ylabel("FID (EMA generator, validation seeds)")
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
 

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from fmnist_summary import fid_curve  # experiments/, this script's folder
 
 from dmd_lightning.cli import cli
 from dmd_lightning.data.format import PairDataset
@@ -59,6 +60,7 @@ def main(out: str, pairs_dir: str, max_time: str, *overrides: str) -> dict:
     model = run.model.eval()
     unet = copy.deepcopy(model.generator_ema.denoiser.unet).to(torch.float16)
     unet.save_pretrained(out_dir / "student")
+    result["curve"] = fid_curve(out_dir)  # (iteration, EMA val/fid) of the validations during training
     (out_dir / "result.json").write_text(json.dumps(result, indent=2))
     print("RESULT", out_dir.name, json.dumps(result), flush=True)
     return result

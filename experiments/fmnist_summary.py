@@ -267,8 +267,9 @@ def curves(out_png: str, *sources: str) -> None:
             if name in continued:
                 points += curve_points(runs[continued[name]])
             variant, seed = variant_seed(name)
+            label = name + (" (to 120 min)" if name in continued else "")
             ax.plot(*zip(*points), marker="o", markersize=3, linestyle=["-", "--", ":"][seed % 3],
-                    color=f"C{variants.index(variant) % 10}", label=name + (" (to 120 min)" if name in continued else ""))
+                    color=f"C{variants.index(variant) % 10}", label=label)
         ax.set(title=f"{steps} step{'s' * (steps > 1)}", xlabel="iteration", yscale="log")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, ncol=2)

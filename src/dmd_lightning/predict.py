@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from dmd_lightning.images import to_uint8
+from dmd_lightning.rng import batch_seed
 
 
 class SampleWriter(BasePredictionWriter):
@@ -54,7 +55,7 @@ class SampleWriter(BasePredictionWriter):
         from PIL import Image
 
         self.out.mkdir(parents=True, exist_ok=True)
-        start = batch_idx * len(images) * trainer.world_size + trainer.global_rank * len(images)
+        start = batch_seed(pl_module, batch_idx) * len(images)  # the batch's global index
         for i, img in enumerate(images):
             label = f"_{int(labels[i])}" if labels is not None else ""
             Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(self.out / f"{start + i:06d}{label}.png")

@@ -2,8 +2,9 @@
 
 A pipeline folder (or hub id) holds unet/, scheduler/, text_encoder/, tokenizer/ and vae/ as diffusers saves
 them. With `embed="cache"` the text encoder never runs in a training step: prompts are encoded once by
-PromptEmbeddings and read back from a safetensors file (`embed="device"`, sd/data.py: encoded in each step). The VAE decodes latents, for the LPIPS regression loss (DMD Sec. 3.3 on images,
-App. C: decoded latents) and for evaluation, and encodes DMD2's real images once (sd/real.py).
+PromptEmbeddings and read back from a safetensors file (`embed="device"`, sd/data.py: encoded in each step). The
+VAE decodes latents, for the LPIPS regression loss (DMD Sec. 3.3 on images, App. C: decoded latents) and for
+evaluation, and encodes DMD2's real images once (sd/real.py).
 """
 
 from __future__ import annotations

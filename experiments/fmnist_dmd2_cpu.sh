@@ -5,7 +5,7 @@
 # the end on the validation and the report seeds (2); training seeds 0 and 1 of each variant; then four steps at a
 # lower lr and without the GAN; the GAN runs continued to 120 minutes; four steps with the DM loss's t capped at 0.25T,
 # with a fake score per step, with 10 fake-score updates per generator update, and with a step per sample (continued to
-# 120 minutes, and without the GAN).
+# 120 minutes, and without the GAN); last, DMD (v1) by configs/fmnist.yaml on 1,000 DDIM-50 pairs for the same budget.
 # Then the table, the FID curves and a sample grid.
 # bash experiments/fmnist_dmd2_cpu.sh [WORK=runs/cpu_dmd2] [BUDGET=00:01:10:00]
 set -u
@@ -13,7 +13,7 @@ set -u
 mkdir -p "$WORK/runs"
 run() {
   local name=$1 config=$2; shift 2
-  OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 CONFIG=$config python experiments/fmnist_variant.py "$WORK/runs/$name" none \
+  OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 CONFIG=$config python experiments/fmnist_variant.py "$WORK/runs/$name" "${PAIRS:-none}" \
     "$BUDGET" --trainer.accelerator cpu --trainer.precision 32-true --data.init_args.batch_size 32 \
     --trainer.max_steps 100000 --trainer.val_check_interval 300 --data.init_args.val_size 1000 \
     --data.init_args.val_batch_size 250 --trainer.log_every_n_steps 20 "$@" > "$WORK/$name.log" 2>&1
@@ -76,6 +76,13 @@ python experiments/fmnist_summary.py steps "$WORK"/runs/gan_4step_each_s{0,1}_12
 run nogan_4step_each_s0 configs/fmnist_dmd2_4step.yaml "${each[@]}" --model.init_args.gan null &
 run nogan_4step_each_s1 configs/fmnist_dmd2_4step.yaml "${each[@]}" --model.init_args.gan null "${s1[@]}" & wait
 python experiments/fmnist_summary.py steps "$WORK"/runs/nogan_4step_each_s{0,1}
+# DMD (v1), the paper's recipe (regression weight 0.25 on the teacher's DDIM-50 pairs, 1:1 updates), for the same
+# 70 minutes as the DMD2 rows: 1,000 pairs (seeded by index: the first 1,000 of `make pairs`, as the v1 table's)
+[ -f "$WORK/pairs/manifest.json" ] || dmd pairs --config configs/fmnist_pairs.yaml --trainer.accelerator cpu \
+  --data.init_args.out_dir "$WORK/pairs" --data.init_args.num_pairs 1000 --trainer.default_root_dir "$WORK/pairs"
+v1=(--data.init_args.pair_batch_size 32 --model.init_args.validate_raw false)
+PAIRS=$WORK/pairs run dmd_v1_s0 configs/fmnist.yaml "${v1[@]}" &
+PAIRS=$WORK/pairs run dmd_v1_s1 configs/fmnist.yaml "${v1[@]}" "${s1[@]}" & wait
 grep -h RESULT "$WORK"/*.log
 python experiments/fmnist_summary.py table "$WORK"
 python experiments/fmnist_summary.py curves "$WORK/fid_curves.png" "$WORK"/runs/*

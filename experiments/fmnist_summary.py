@@ -247,14 +247,15 @@ def curve_points(result: dict) -> list[tuple[int, float]]:
 
 def curves(out_png: str, *sources: str) -> None:
     """Two panels, one step and four steps: one colour per variant, a line style per seed; a run resumed from
-    another's checkpoint continues that run's line; runs of no iteration give each line of their config its start."""
+    another's checkpoint continues that run's line; runs of no iteration give each line of as many steps its start
+    (the untrained generator is the teacher's network whatever the method)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     runs = dict(run_result(Path(s)) for s in sources)
-    start = {r["config"]: r["val/fid"] for r in runs.values() if r["iterations"] == 0}
+    start = {len(r.get("steps", [999])): r["val/fid"] for r in runs.values() if r["iterations"] == 0}
     continued = {Path(r["resumed_from"]).parents[2].name: name for name, r in runs.items() if r.get("resumed_from")}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
     for ax, steps in zip(axes, (1, 4)):
@@ -263,7 +264,7 @@ def curves(out_png: str, *sources: str) -> None:
         variants = sorted({variant_seed(n)[0] for n in names})
         for name in sorted(names):
             r = runs[name]
-            points = ([(0, start[r["config"]])] if r["config"] in start else []) + curve_points(r)
+            points = ([(0, start[steps])] if steps in start else []) + curve_points(r)
             if name in continued:
                 points += curve_points(runs[continued[name]])
             variant, seed = variant_seed(name)

@@ -62,3 +62,22 @@ def test_pairs_of_another_teacher_are_refused(tmp_path):
         assert "other/teacher" in str(err) and "weights/fmnist-teacher" in str(err)
     else:
         raise AssertionError("mismatched pairs were accepted")
+
+
+def test_validation_noise_is_no_training_batch_nor_pair_noise():
+    """The noise of the validation and report seeds (1 and 2, as the configs) comes from its own stream: none of its
+    samples is the DM noise of a training batch (data seed 0) nor a pair's noise (pair seed 0)."""
+    from conftest import RandomImages
+
+    from dmd_lightning.data.format import item_noise
+
+    def data(val_seed):
+        return DMDDataModule(None, batch_size=16, val_size=16, val_batch_size=16, val_seed=val_seed,
+                             real_images=RandomImages())
+
+    batches = iter(data(1).train_dataloader())
+    seen = [next(batches)["z"] for _ in range(4)] + [torch.stack([item_noise(0, i, [1, 16, 16]) for i in range(64)])]
+    seen = torch.cat(seen).flatten(1)
+    for val_seed in (1, 2):
+        z = data(val_seed).val_batches()[0]["z"].flatten(1)
+        assert torch.cdist(z, seen).min() > 1.0, val_seed

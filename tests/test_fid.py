@@ -2,7 +2,6 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import save_file
 
 from dmd_lightning.fmnist.classifier import FMNISTClassifier
@@ -14,7 +13,6 @@ from dmd_lightning.metrics.fid import (
     ImageDataset,
     compute_metrics,
     fidelity_kwargs,
-    gather_samples,
     reference_cache_name,
 )
 
@@ -144,24 +142,3 @@ def test_fid_evaluator(weights, tmp_path):
     ev.reset()
     ev.update(torch.rand(400, 1, 32, 32) * 2 - 1, {})
     assert ev.compute()["fid"] > 10 * good["fid"]
-
-
-def _gather_worker(rank, world_size, port, out):
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                         world_size=world_size)
-    gathered = gather_samples(torch.full((rank + 1, 2), rank, dtype=torch.uint8))
-    out[rank] = gathered.tolist()
-    torch.distributed.destroy_process_group()
-
-
-def test_gather_samples():
-    x = torch.arange(4)
-    assert gather_samples(x) is x  # no process group: unchanged
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = mp.Manager().dict()
-    mp.start_processes(_gather_worker, args=(2, port, out), nprocs=2, start_method="fork")
-    assert out[0] == out[1] == [[0, 0], [1, 1], [1, 1]]

@@ -99,3 +99,25 @@ def test_teacher_fit_resumes_from_a_sharded_checkpoint_with_its_provenance(tmp_p
     second = json.loads((tmp_path / "teacher/provenance.json").read_text())
     assert trainer.global_step == 4 and first["steps"] == 2 and second["steps"] == 4
     assert second["wall_s"] >= first["wall_s"] and second["batch_size"] == 8
+
+
+def test_teacher_export_on_two_gloo_ranks(tmp_path):
+    """ExportTeacher reads the logger's folder (trainer.log_dir, a collective) on every rank, not only on the rank that
+    writes: else rank 0 waits for a broadcast that rank 1 never joins."""
+    import json
+    from datetime import timedelta
+
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from dmd_lightning.fmnist.teacher import ExportTeacher, FashionMNISTDataModule
+
+    module = TeacherModule(block_out_channels=(16, 16, 32), layers_per_block=1, warmup_steps=1)
+    strategy = DDPStrategy(start_method="spawn", process_group_backend="gloo", timeout=timedelta(seconds=120))
+    trainer = Trainer(max_steps=2, accelerator="cpu", devices=2, strategy=strategy, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, logger=TensorBoardLogger(tmp_path),
+                      callbacks=[ExportTeacher(str(tmp_path / "teacher"), every_n_steps=1)])
+    trainer.fit(module, datamodule=FashionMNISTDataModule(batch_size=4, split="test"))
+    provenance = json.loads((tmp_path / "teacher/provenance.json").read_text())
+    assert provenance["steps"] == 2 and provenance["devices"] == 2
+    assert UNet2DModel.from_pretrained(tmp_path / "teacher/unet").config.block_out_channels == [16, 16, 32]

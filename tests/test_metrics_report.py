@@ -37,3 +37,49 @@ def test_dmd_validate_prints_and_writes_the_table(tmp_path, capsys, monkeypatch)
 def test_table_of_a_model_without_metrics():
     text = table({"samples": 6.0, "nfe": 4, "seconds_per_image": 0.00123456, "metrics": {}})
     assert text.splitlines()[1].split() == ["(none)", "-", "6", "4", "0.001235"]
+
+
+def _validate(tmp_path, devices: int) -> tuple[dict, dict]:
+    """The toy's untrained generator validated on 300 samples in 3 batches, on `devices` gloo ranks with a TensorBoard
+    logger and no checkpoint (the report goes to the logger's folder): the metrics and the written report."""
+    from datetime import timedelta
+
+    from lightning import seed_everything
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from dmd_lightning import DMDModule, L2Loss, VPSchedule
+    from dmd_lightning.cli import DMDTrainer
+    from dmd_lightning.metrics.report import ValidationReport
+    from dmd_lightning.toy2d.mixture import (
+        GaussianMixtureDenoiser,
+        MLPDenoiser,
+        MLPGenerator,
+        ModeCoverage,
+        ToyDataModule,
+    )
+
+    seed_everything(0)
+    schedule = VPSchedule()
+    module = DMDModule(GaussianMixtureDenoiser(schedule), MLPGenerator(hidden=16), MLPDenoiser(schedule, hidden=16),
+                       regression_loss=L2Loss(), evaluator=ModeCoverage())
+    data = ToyDataModule(num_pairs=16, sampler_steps=2, val_size=300, val_batch_size=100)
+    strategy = (DDPStrategy(start_method="spawn", process_group_backend="gloo", timeout=timedelta(seconds=120))
+                if devices > 1 else "auto")
+    trainer = DMDTrainer(accelerator="cpu", devices=devices, strategy=strategy, callbacks=[ValidationReport()],
+                         logger=TensorBoardLogger(tmp_path / f"devices{devices}"), enable_progress_bar=False,
+                         enable_model_summary=False)
+    (metrics,) = trainer.validate(module, datamodule=data, verbose=False)
+    (path,) = (tmp_path / f"devices{devices}").rglob("validate.json")
+    return metrics, json.loads(path.read_text())
+
+
+def test_two_ranks_score_the_samples_of_one_process_once(tmp_path):
+    """3 batches on 2 ranks: DistributedSampler deals batch 0 again to rank 1, which must not be scored or counted;
+    the report's folder (trainer.log_dir, a collective) is asked on both ranks, else rank 0 waits forever."""
+    one, one_report = _validate(tmp_path, devices=1)
+    two, two_report = _validate(tmp_path, devices=2)
+    assert one_report["samples"] == two_report["samples"] == 300
+    assert one.keys() == two.keys() and len(one) >= 3
+    for key in one:
+        assert abs(one[key] - two[key]) < 1e-5, (key, one[key], two[key])

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from dmd_lightning.denoisers import Denoiser
 from dmd_lightning.errors import ConfigError
+from dmd_lightning.rng import stream_seed
 from dmd_lightning.schedule import VPSchedule
 
 
@@ -103,12 +104,12 @@ class MultiStepGenerator(OneStepGenerator):
 
 @torch.no_grad()
 def sample(generator: nn.Module, z: Tensor, cond=None, seed: int = 0) -> Tensor:
-    """The generator's samples from noise z: K network evaluations, the fresh noise between steps drawn from `seed`
-    (so validations, `dmd predict` and an exported folder give the same images); a generator without steps (the
+    """The generator's samples from noise z: K network evaluations, the fresh noise between steps drawn from `seed`'s
+    stream (rng.stream_seed; so validations, `dmd predict` and an exported folder give the same images); a generator without steps (the
     toy's MLP) is called directly."""
     if not hasattr(generator, "simulate"):
         return generator(z, cond)
-    return generator(z, cond, torch.Generator(device=z.device).manual_seed(seed))
+    return generator(z, cond, torch.Generator(device=z.device).manual_seed(stream_seed("steps", seed)))
 
 
 def error_gain(schedule: VPSchedule, t: int) -> float:

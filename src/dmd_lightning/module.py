@@ -19,7 +19,7 @@ from dmd_lightning.losses import DenoisingLoss, DMLoss
 from dmd_lightning.metrics.evaluation import Evaluator, Evaluators
 from dmd_lightning.optim import Optimization
 from dmd_lightning.perf import Compilation
-from dmd_lightning.rng import GlobalNoise, batch_seed, rank_world
+from dmd_lightning.rng import GlobalNoise, batch_seed, rank_world, repeated_batch
 from dmd_lightning.state import load_state, restore_rng, save_state, warm_start
 from dmd_lightning.update import GuardedUpdate, NonFinite
 
@@ -259,6 +259,8 @@ class DMDModule(LightningModule):
         self.evaluators.reset()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        if repeated_batch(self, batch_idx):  # DistributedSampler's padding: scored on another rank already
+            return
         for evaluator, ema in self.evaluators.active().values():
             samples = self.sample(batch["z"], batch.get("cond"), ema=ema, seed=batch_seed(self, batch_idx))
             evaluator.update(samples, batch)

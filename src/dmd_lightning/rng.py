@@ -3,6 +3,7 @@ states (torch, CUDA, numpy, python) as checkpointable values, and GlobalNoise, t
 
 from __future__ import annotations
 
+import hashlib
 import random
 
 import numpy as np
@@ -19,6 +20,15 @@ def rng_states() -> dict:
             "python": random.getstate()}
 
 
+def stream_seed(stream: str, seed: int, index: int = 0) -> int:
+    """The torch generator seed of item `index` of the evaluation stream `stream` ("eval": validation and prediction
+    noise, "steps": a multi-step generator's noise between steps) under `seed`: a 64-bit hash with the top bit set.
+    Training batches (data.stream.GlobalBatchStream) and pairs (data.format.item_noise) take seed * 2**32 + index,
+    below 2**63: no validation or report noise is ever a training or regression input."""
+    digest = hashlib.blake2b(f"{stream}/{seed}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") | 1 << 63
+
+
 def rank_world(obj) -> tuple[int, int]:
     """(global rank, world size) of the trainer a LightningModule or LightningDataModule is attached to, (0, 1)
     without one."""
@@ -32,6 +42,15 @@ def batch_seed(module, batch_idx: int) -> int:
     a batch gives the same images on any number of ranks."""
     rank, world = rank_world(module)
     return batch_idx * world + rank
+
+
+def repeated_batch(module, batch_idx: int) -> bool:
+    """Whether this rank's validation or test batch `batch_idx` repeats an earlier one: DistributedSampler gives
+    every rank as many batches by dealing the first batches again past the end (global index >= their count).
+    Repeats are run (the ranks stay in step) but not scored, so N ranks score the samples of one process."""
+    trainer = module.trainer
+    loader = trainer.test_dataloaders if trainer.testing else trainer.val_dataloaders
+    return batch_seed(module, batch_idx) >= len(loader.dataset)
 
 
 def set_rng_states(states: dict) -> None:

@@ -127,14 +127,10 @@ class PairGenerationDataModule(LightningDataModule):
         return {"num_pairs": self.num_pairs, "shard_size": self.shard_size, "num_shards": self.num_shards,
                 "noise_shape": self.noise_shape, "num_classes": self.num_classes, "seed": self.seed}
 
-    def rank(self) -> tuple[int, int]:
-        """(global_rank, world_size) of the attached trainer, (0, 1) without one."""
-        return rank_world(self)
-
     def pending_shards(self) -> list[int]:
         """This rank's shards whose file is absent or fails to load or verify; one line says why for each file
         that exists but is regenerated."""
-        rank, world = self.rank()
+        rank, world = rank_world(self)
         pending = []
         for s in range(rank, self.num_shards, world):
             path = self.out_dir / shard_name(s)

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from dmd_lightning.data.format import PairDataset, PairsError
 from dmd_lightning.errors import ConfigError, check_int
-from dmd_lightning.rng import rank_world
+from dmd_lightning.rng import rank_world, stream_seed
 
 
 class GlobalBatchStream(IterableDataset):
@@ -168,8 +168,9 @@ class DMDDataModule(StreamDataModule):
 
 def noise_batches(shape: tuple[int, ...], size: int, batch_size: int, num_classes: int | None,
                   seed: int) -> list[dict[str, Tensor]]:
-    """`size` noise samples of `shape` drawn from `seed`, in batches {z, cond}, with labels i % num_classes."""
-    z = torch.randn(size, *shape, generator=torch.Generator().manual_seed(seed))
+    """`size` noise samples of `shape` drawn from `seed`'s evaluation stream (rng.stream_seed: never a training
+    batch's or a pair's noise), in batches {z, cond}, with labels i % num_classes."""
+    z = torch.randn(size, *shape, generator=torch.Generator().manual_seed(stream_seed("eval", seed)))
     out = []
     for start in range(0, size, batch_size):
         b = {"z": z[start:start + batch_size]}

@@ -14,8 +14,8 @@ from dmd_lightning.errors import ConfigError
 from dmd_lightning.fmnist.classifier import FEATURE_DIM, load_classifier
 from dmd_lightning.fmnist.data import DEFAULT_ROOT, load_fashion_mnist, to_model_space
 from dmd_lightning.images import to_uint8
-from dmd_lightning.metrics.evaluation import Evaluator
-from dmd_lightning.metrics.fid import compute_metrics, gather_samples
+from dmd_lightning.metrics.evaluation import Evaluator, gather_samples
+from dmd_lightning.metrics.fid import compute_metrics
 
 FMNIST_EXTRACTOR = "fmnist-classifier"
 
@@ -75,7 +75,7 @@ class FIDEvaluator(Evaluator):
 
     update() keeps the samples as uint8 on the CPU. Under DDP, compute() gathers every rank's samples and every
     rank computes the same metrics from the same gathered set (so `log(..., sync_dist=True)` averages equal
-    values); DistributedSampler's padding may repeat a few samples. The extractor runs on CUDA when available.
+    values); the batches DistributedSampler repeats never reach update(). The extractor runs on CUDA when available.
     The reference split is zero-padded to 32x32 like the model's images and featurised only on the first
     compute() for a given (split, max_reference, weights file); later ones load its features from `cache_dir`."""
 

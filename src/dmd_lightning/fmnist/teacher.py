@@ -137,16 +137,18 @@ class ExportTeacher(Callback):
         return self.wall_s + (time.time() - self._start if self._start is not None else 0.0)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step % self.every_n_steps == 0 and trainer.is_global_zero:
+        if trainer.global_step % self.every_n_steps == 0:
             self.export(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.is_global_zero:
-            self.export(trainer, pl_module)
+        self.export(trainer, pl_module)
 
     def export(self, trainer, pl_module) -> None:
-        pl_module.export(self.folder, self.provenance(trainer, pl_module))
+        """Called on every rank (trainer.log_dir is a collective, a broadcast); rank 0 writes."""
         config = Path(trainer.log_dir or "") / "config.yaml"
+        if not trainer.is_global_zero:
+            return
+        pl_module.export(self.folder, self.provenance(trainer, pl_module))
         if config.is_file():
             shutil.copyfile(config, Path(self.folder) / "config.yaml")
 

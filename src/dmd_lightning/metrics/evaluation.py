@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 
+import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from dmd_lightning.frozen import EvalOnly
@@ -43,3 +45,12 @@ class Evaluators(nn.Module):
 
     def compute(self) -> dict[str, float]:
         return {prefix + k: v for prefix, (ev, _) in self.active().items() for k, v in ev.compute().items()}
+
+
+def gather_samples(x: Tensor) -> Tensor:
+    """Concatenate a CPU tensor over all DDP ranks (rank order); the tensor itself without a process group."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, x)
+    return torch.cat(parts)

@@ -14,7 +14,6 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch_fidelity
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -109,14 +108,5 @@ def compute_metrics(samples: Tensor, reference: Tensor | Dataset | str, extracto
         metrics["kid_mean"] = float(out[torch_fidelity.KEY_METRIC_KID_MEAN])
         metrics["kid_std"] = float(out[torch_fidelity.KEY_METRIC_KID_STD])
     return metrics
-
-
-def gather_samples(x: Tensor) -> Tensor:
-    """Concatenate a CPU tensor over all DDP ranks (rank order); the tensor itself without a process group."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, x)
-    return torch.cat(parts)
 
 

@@ -9,6 +9,7 @@ import torch
 from lightning import Callback
 
 from dmd_lightning.perf import median_time
+from dmd_lightning.rng import repeated_batch
 
 
 class ValidationReport(Callback):
@@ -28,6 +29,8 @@ class ValidationReport(Callback):
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if trainer.sanity_checking or not isinstance(batch, dict) or "z" not in batch:
             return  # only generators' validation batches ({z, cond}) are counted
+        if repeated_batch(pl_module, batch_idx):
+            return  # DistributedSampler's padding, not scored
         self.samples += len(batch["z"])
         if self.first is None:
             self.first = batch
@@ -49,8 +52,8 @@ class ValidationReport(Callback):
             "seconds_per_image": self.seconds_per_image(trainer, pl_module),
             "metrics": {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith("val")},
         }
+        path = report_path(trainer)  # on every rank: trainer.log_dir is a collective (a broadcast)
         if trainer.is_global_zero:
-            path = report_path(trainer)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(report, indent=2) + "\n")
             print(table(report) + f"\n(written to {path})")

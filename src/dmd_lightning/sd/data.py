@@ -17,10 +17,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from dmd_lightning.data.format import PairDataset, PairsError, atomic_write_bytes, item_noise
+from dmd_lightning.data.format import PairDataset, PairsError, atomic_write_bytes
 from dmd_lightning.data.generation import PairGenerationDataModule, PairGenerator, ShardBatches, make_batch
 from dmd_lightning.data.stream import StreamDataModule
 from dmd_lightning.errors import ConfigError
+from dmd_lightning.rng import rank_world, stream_seed
 from dmd_lightning.sd.model import PromptEmbeddings, load_text_encoder, tokenize
 from dmd_lightning.sd.real import RealLatents
 
@@ -121,7 +122,7 @@ class LatentPairGenerationDataModule(PairGenerationDataModule):
         if path.is_file():
             if json.loads(path.read_text()) != self.prompts:
                 raise PairsError(f"{path} lists other prompts than {self.prompts_file}; use another out_dir")
-        elif self.rank()[0] == 0:
+        elif rank_world(self)[0] == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(path, json.dumps(self.prompts).encode())
         self.embeddings = self.embedder.load(self.prompts, device_of(self))
@@ -152,7 +153,7 @@ class LatentPairDataset(PairDataset):
 
 
 class _ValBatches(Dataset):
-    """Batch k of the fixed validation set: noise seeded per item, the embeddings and texts of its prompts."""
+    """Batch k of the fixed validation set: noise seeded per item (rng.stream_seed), the embeddings and texts of its prompts."""
 
     def __init__(self, prompts: list[str], embeddings: Tensor, shape: list[int], size: int, batch_size: int,
                  seed: int):
@@ -165,7 +166,8 @@ class _ValBatches(Dataset):
     def __getitem__(self, k: int) -> dict:
         items = range(k * self.batch_size, min((k + 1) * self.batch_size, self.size))
         index = torch.tensor(list(items)) % len(self.prompts)
-        return {"z": torch.stack([item_noise(self.seed, i, self.shape) for i in items]),
+        return {"z": torch.stack([torch.randn(self.shape, generator=torch.Generator().manual_seed(
+                     stream_seed("eval", self.seed, i))) for i in items]),
                 "cond": self.embeddings[index].float(), "prompt_index": index,
                 "prompt": [self.prompts[i] for i in index.tolist()]}
 

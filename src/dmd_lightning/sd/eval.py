@@ -21,8 +21,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from dmd_lightning.images import to_uint8
-from dmd_lightning.metrics.evaluation import Evaluator
-from dmd_lightning.metrics.fid import INCEPTION_EXTRACTOR, compute_metrics, gather_samples
+from dmd_lightning.metrics.evaluation import Evaluator, gather_samples
+from dmd_lightning.metrics.fid import INCEPTION_EXTRACTOR, compute_metrics
 from dmd_lightning.sd.model import decode_latents, load_vae
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")

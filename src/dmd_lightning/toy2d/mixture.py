@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from dmd_lightning.data.stream import StreamDataModule
 from dmd_lightning.denoisers import Denoiser
 from dmd_lightning.errors import ConfigError, check_int
-from dmd_lightning.metrics.evaluation import Evaluator
+from dmd_lightning.metrics.evaluation import Evaluator, gather_samples
 from dmd_lightning.samplers import make_scheduler, sample_ode
 from dmd_lightning.schedule import VPSchedule, expand_like
 
@@ -122,7 +122,7 @@ class ModeCoverage(Evaluator):
         self.samples.append(samples.detach().float().cpu())
 
     def compute(self) -> dict[str, float]:
-        return mode_statistics(torch.cat(self.samples), self.means, self.weights, self.std, self.radius_stds,
+        return mode_statistics(gather_samples(torch.cat(self.samples)), self.means, self.weights, self.std, self.radius_stds,
                                self.min_fraction)
 
 
@@ -151,9 +151,9 @@ class ToyDataModule(StreamDataModule):
 
     def __init__(self, mixture: str = "ring8", batch_size: int = 256, pair_batch_size: int = 256,
                  num_pairs: int = 4096, sampler: str = "heun", sampler_steps: int = 100, val_size: int = 8192,
-                 seed: int = 0, schedule: VPSchedule | None = None):
+                 val_batch_size: int = 1024, seed: int = 0, schedule: VPSchedule | None = None):
         super().__init__()
-        for key in ("batch_size", "pair_batch_size", "num_pairs", "sampler_steps", "val_size"):
+        for key in ("batch_size", "pair_batch_size", "num_pairs", "sampler_steps", "val_size", "val_batch_size"):
             check_int(key, locals()[key])
         self.save_hyperparameters(ignore=["schedule"])
         self.schedule = schedule or VPSchedule()
@@ -178,7 +178,7 @@ class ToyDataModule(StreamDataModule):
 
     def val_dataloader(self) -> DataLoader:
         z = torch.randn(self.hparams.val_size, 2, generator=torch.Generator().manual_seed(self.hparams.seed + 2))
-        return DataLoader([{"z": c} for c in z.split(1024)], batch_size=None)
+        return DataLoader([{"z": c} for c in z.split(self.hparams.val_batch_size)], batch_size=None)
 
     test_dataloader = val_dataloader
 

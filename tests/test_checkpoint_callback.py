@@ -17,3 +17,22 @@ def test_periodic_saves_of_the_manually_optimized_module_do_not_warn_about_post_
     fit(toy_module(), max_steps=4, tmp_path=tmp_path, callbacks=[ckpt])
     assert (tmp_path / "ckpt" / "epoch=0-step=4.ckpt").is_file()
     assert not [w for w in recwarn if "pre-optimization state" in str(w.message)]
+
+
+def test_ranks_agree_on_a_signal_every_log_every_n_steps_batches_and_save_at_an_update_boundary(tmp_path):
+    """Under DDP the agreement is a collective that waits for the device: it runs at batches 0, 5, 10, ... only (here
+    log_every_n_steps 5); once agreed, last.ckpt waits for the end of the accumulated update without asking again."""
+    import signal
+    from types import SimpleNamespace
+
+    asked, saved = [], []
+    module = SimpleNamespace(mid_update=True)
+    strategy = SimpleNamespace(reduce_boolean_decision=lambda decision, all: asked.append(batch) or decision)
+    trainer = SimpleNamespace(world_size=2, log_every_n_steps=5, strategy=strategy, lightning_module=module,
+                              global_step=3, save_checkpoint=saved.append)
+    callback = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    callback.signum = signal.SIGTERM  # this rank received it
+    for batch in range(1, 7):
+        module.mid_update = batch < 6
+        callback._save_if_signalled(trainer, batch)
+    assert asked == [5] and saved == [str(tmp_path / "last.ckpt")] and callback._stopping is not None

@@ -21,6 +21,33 @@ class SaveParameters(Callback):
         torch.save(state, self.folder / f"rank{trainer.global_rank}-of-{trainer.world_size}.pt")
 
 
+class CountBarriers(Callback):
+    """Counts torch.distributed.barrier calls inside training steps (under NCCL a barrier blocks the host); each rank
+    writes its count when training ends."""
+
+    def __init__(self, folder):
+        self.folder, self.count, self.inside, self.original = folder, 0, False, None
+
+    def on_train_start(self, trainer, pl_module):
+        self.original = torch.distributed.barrier
+
+        def counting(*args, **kwargs):
+            self.count += self.inside
+            return self.original(*args, **kwargs)
+
+        torch.distributed.barrier = counting
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.inside = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.inside = False
+
+    def on_train_end(self, trainer, pl_module):
+        torch.distributed.barrier = self.original
+        (self.folder / f"barriers-rank{trainer.global_rank}.txt").write_text(str(self.count))
+
+
 class InfOnRankOne(L2Loss):
     """An infinite regression term on rank 1 only, with a finite gradient: only the loss check can see it."""
 
@@ -37,8 +64,8 @@ def train(tmp_path, devices: int, batch: int, strategy: str = "auto", steps: int
                        optim=toy_optim(generator_lr=1e-2, fake_lr=1e-2, accumulate=accumulate),
                        fake_updates_per_generator_update=2, ema_decay=0.5, nonfinite=nonfinite)
     data = ToyDataModule(batch_size=batch, pair_batch_size=batch // 2, num_pairs=64, sampler_steps=10)
-    quiet_trainer(tmp_path, steps, devices=devices, strategy=strategy, callbacks=[SaveParameters(tmp_path)]).fit(
-        module, datamodule=data)
+    callbacks = [SaveParameters(tmp_path)] + ([CountBarriers(tmp_path)] if devices > 1 else [])
+    quiet_trainer(tmp_path, steps, devices=devices, strategy=strategy, callbacks=callbacks).fit(module, datamodule=data)
 
 
 @pytest.mark.parametrize("accumulate", [1, 2])
@@ -69,6 +96,8 @@ def test_a_non_finite_term_on_one_rank_skips_the_update_on_both(tmp_path, check)
         torch.testing.assert_close(rank0[name], rank1[name], rtol=0, atol=0, msg=name)
     for name, value in start.items():  # every generator update skipped, on both ranks
         torch.testing.assert_close(rank0[f"generator.{name}"], value, rtol=0, atol=0, msg=name)
+    barriers = [int((tmp_path / f"barriers-rank{r}.txt").read_text()) for r in (0, 1)]
+    assert all(b == 0 for b in barriers) if check == "logging" else all(b > 0 for b in barriers), barriers
 
 
 @pytest.mark.parametrize("steps, step_draw", [((999, 499), "update"), ((999, 600, 300), "sample")])

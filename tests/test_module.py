@@ -286,6 +286,34 @@ def test_a_signal_mid_accumulation_saves_at_the_update_boundary_and_resumes_exac
     assert_same_weights(straight, resumed)
 
 
+def test_a_stop_mid_accumulation_waits_for_the_update_boundary_and_resumes_exactly(tmp_path):
+    """A callback (as max_time's Timer) asks to stop after the first of two micro-batches: training ends after the
+    second, and last.ckpt, written then, resumes on the uninterrupted run's trajectory."""
+    from lightning import Callback
+
+    from dmd_lightning.checkpoint import ModelCheckpoint
+
+    class Stop(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 4:  # the first micro-batch of the third update
+                trainer.should_stop = True
+
+    def module():
+        torch.manual_seed(0)
+        return toy_module(optim=dict(accumulate=2), fake_updates_per_generator_update=2)
+
+    straight = module()
+    fit(straight, max_steps=8, tmp_path=tmp_path / "a")
+    stopped = module()
+    fit(stopped, max_steps=8, tmp_path=tmp_path / "b",
+        callbacks=[Stop(), ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)])
+    assert stopped.iteration == 6 and not stopped.mid_update
+    assert torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)["dmd_iteration"] == 6
+    resumed = module()
+    fit(resumed, max_steps=8, tmp_path=tmp_path / "b", ckpt_path=str(tmp_path / "b" / "last.ckpt"))
+    assert_same_weights(straight, resumed)
+
+
 def test_init_from_starts_from_another_runs_networks_with_fresh_optimizers(tmp_path):
     """DMD2's second SD stage: the networks (generator, EMA, fake score) of a first run, nothing else of it."""
     from lightning import Callback
@@ -311,3 +339,19 @@ def test_init_from_starts_from_another_runs_networks_with_fresh_optimizers(tmp_p
                       init_from=str(tmp_path / "last.ckpt"))
     with pytest.raises(CheckpointError, match="not this model's"):
         fit(other, max_steps=2, tmp_path=tmp_path / "other")
+
+
+def test_init_from_continues_the_ema_and_reads_a_sharded_checkpoint(tmp_path):
+    """The first run's EMA is an average already: the second run's first update moves it by 1 - decay, without the
+    warm-up (which would replace it by the new generator within a few updates); its checkpoint may be a folder."""
+    from dmd_lightning.checkpoint import ModelCheckpoint, ShardedCheckpointIO, load_sharded
+
+    fit(toy_module(), max_steps=6, tmp_path=tmp_path / "first", plugins=[ShardedCheckpointIO()],
+        callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)])
+    assert (tmp_path / "last.ckpt").is_dir()
+    second = toy_module(init_from=str(tmp_path / "last.ckpt"), ema_decay=0.9)
+    fit(second, max_steps=1, tmp_path=tmp_path / "second")  # one generator update
+    loaded = load_sharded(tmp_path / "last.ckpt")["state_dict"]
+    for name, ema in second.generator_ema.state_dict().items():
+        expected = 0.9 * loaded[f"generator_ema.{name}"] + 0.1 * second.generator.state_dict()[name]
+        torch.testing.assert_close(ema, expected, msg=name)

@@ -124,6 +124,7 @@ class DMDModule(LightningModule):
         if stage == "fit" and self.hparams.init_from:  # before Lightning restores a --ckpt_path, which wins
             warm_start(self, self.hparams.init_from)
             self.averager.reset()
+            self.averager.warmup = False  # the loaded EMA is an average already: continued, not restarted
 
     def configure_optimizers(self):
         ratio = self.hparams.fake_updates_per_generator_update

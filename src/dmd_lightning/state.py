@@ -75,9 +75,9 @@ def restore_rng(module, rng: dict) -> None:
 
 
 def warm_start(module, path: str) -> None:
-    """The generator, its EMA and the fake score of another run's checkpoint, nothing else of it (optimizers,
-    schedules, GAN head and update count start afresh): DMD2's second SD stage starts from the first's networks
-    this way, adding the GAN at a lower learning rate."""
+    """The generator, its EMA and the fake score of another run's checkpoint (a file or a sharded folder), nothing
+    else of it (optimizers, schedules, GAN head and update count start afresh; the EMA continues without a warm-up):
+    DMD2's second SD stage starts from the first's networks this way, adding the GAN at a lower learning rate."""
     state = {k: v for k, v in load_checkpoint_file(path).get("state_dict", {}).items() if k.startswith(TRAINED)}
     own, frozen = module.state_dict(), set(untrained_keys(module))
     missing = [k for k in own if k.startswith(TRAINED) and k not in state and k not in frozen]

@@ -100,7 +100,8 @@ class GuardedUpdate:
         else:
             found_inf = torch.stack(list(flags.values())).any().float()
             if module.trainer.world_size > 1:  # the same decision on every rank, without a host synchronisation
-                found_inf = module.trainer.strategy.reduce(found_inf, reduce_op="max")
+                torch.distributed.all_reduce(found_inf, op=torch.distributed.ReduceOp.MAX)  # (strategy.reduce
+                # would add a barrier, which blocks the host under NCCL)
             opt.optimizer.found_inf = found_inf  # the fused kernel leaves weights, moments and step count alone
             try:  # (under 16-mixed torch.amp.GradScaler sets and removes its own, from the gradients)
                 opt.step()

@@ -11,9 +11,11 @@ the state to keep: weights, optimizer states, EMA and update phase all after the
 resumed run continues. This class leaves that warning out.
 
 It also turns SIGTERM (what a cluster sends before pre-emption) and SIGINT (Ctrl-C) into a resumable stop: the
-signal is noted, `last.ckpt` is written at the end of the training step in progress (or, during a validation,
-when that validation ends), and `Stopped` is raised, which `dmd` reports in one line with exit code 128 +
-the signal's number, so that a scheduler requeues the job. A second Ctrl-C interrupts at once.
+signal is noted, `last.ckpt` is written at the end of the training step in progress (under DDP, where the ranks
+agree on it every `log_every_n_steps` batches, within that many; during a validation, when that validation ends), and `Stopped` is raised, which `dmd` reports in one line with exit code 128 +
+the signal's number, so that a scheduler requeues the job. A second Ctrl-C interrupts at once. With gradient
+accumulation both this stop and any other asked inside an update (max_time, another callback) wait for the update's
+last micro-batch: accumulated gradients are not in checkpoints, so only an update boundary resumes exactly.
 
 `find_last_checkpoint` is what `dmd fit --ckpt_path last` resumes: the newest `last.ckpt` of the run's
 checkpoint folder, its logger's `version_*` folders or its `default_root_dir`, not only of the new version's
@@ -54,9 +56,12 @@ class ModelCheckpoint(LightningModelCheckpoint):
         self._stopping: Stopped | None = None  # raised at the next hook once last.ckpt is saved
         self._handlers: dict = {}
         self._saved_step: int | None = None  # global step of the newest checkpoint this run wrote
+        self._stop_at_update = False  # a stop asked inside an accumulated update, held until its end
+        self._agreed = False  # whether the ranks agreed that a signal came
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        self.signum, self._stopping, self._saved_step = None, None, None
+        self.signum, self._stopping, self._saved_step, self._stop_at_update = None, None, None, False
+        self._agreed = False
 
     def on_train_start(self, trainer, pl_module) -> None:
         # here, after Lightning installs its own SIGTERM handler (which would end the run at once, before an
@@ -83,11 +88,20 @@ class ModelCheckpoint(LightningModelCheckpoint):
         print(f"{signal.Signals(signum).name} received: saving a checkpoint when this step (or validation) ends, "
               "then stopping", file=sys.stderr, flush=True)
 
-    def _save_if_signalled(self, trainer) -> None:
-        """Saves last.ckpt if a signal came; `Stopped` is raised at the next hook (after this step's logs)."""
-        # every rank must stop at the same step; the signal may have reached only some of them
-        if self._stopping is not None or not trainer.strategy.reduce_boolean_decision(self.signum is not None, all=False):
+    def _save_if_signalled(self, trainer, batch_idx: int | None = None) -> None:
+        """Saves last.ckpt if a signal came; `Stopped` is raised at the next hook (after this step's logs).
+
+        Every rank must stop at the same step, and the signal may have reached only some of them: the ranks agree by
+        a collective, which waits for the device. Under DDP it runs every `log_every_n_steps` training batches (and
+        at each validation's end), not at every batch."""
+        if self._stopping is not None:
             return
+        if not self._agreed:
+            if trainer.world_size > 1 and batch_idx is not None and batch_idx % trainer.log_every_n_steps:
+                return
+            self._agreed = trainer.strategy.reduce_boolean_decision(self.signum is not None, all=False)
+            if not self._agreed:
+                return
         if getattr(trainer.lightning_module, "mid_update", False):  # gradients of unfinished accumulation: later
             return
         path = self._save_last(trainer)
@@ -107,7 +121,17 @@ class ModelCheckpoint(LightningModelCheckpoint):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_POST_STEP_WARNING)
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        self._save_if_signalled(trainer)
+        self._save_if_signalled(trainer, batch_idx)
+        self._hold_stop_until_update_ends(trainer, pl_module)
+
+    def _hold_stop_until_update_ends(self, trainer, pl_module) -> None:
+        """Runs after the other callbacks' on_train_batch_end (Lightning orders checkpoint callbacks last), and so
+        sees a stop that max_time's Timer or another callback asked for at this batch."""
+        if getattr(pl_module, "mid_update", False):
+            if trainer.should_stop:
+                self._stop_at_update, trainer.should_stop = True, False
+        elif self._stop_at_update:
+            self._stop_at_update, trainer.should_stop = False, True
 
     def on_validation_end(self, trainer, pl_module) -> None:
         super().on_validation_end(trainer, pl_module)

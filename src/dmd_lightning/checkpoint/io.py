@@ -63,8 +63,10 @@ def _unreadable(path, err: Exception) -> CheckpointError:
 
 
 def load_checkpoint_file(path) -> dict:
-    """A checkpoint file loaded with weights_only=True, memory-mapped where its format allows (a cheap look at
-    its hyper-parameters); CheckpointError naming the file when it is not one."""
+    """A checkpoint loaded with weights_only=True, memory-mapped where its format allows (a cheap look at its
+    hyper-parameters), or a ShardedCheckpointIO folder; CheckpointError naming the file when it is not one."""
+    if os.path.isdir(existing(path)):
+        return load_sharded(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError:  # files of the legacy (non-zip) format cannot be memory-mapped

@@ -255,48 +255,26 @@ def test_accumulated_micro_batches_make_the_update_of_one_batch_as_large(tmp_pat
     assert any(not torch.equal(v, start[k]) for k, v in runs["whole"].items() if k.startswith("generator_ema."))
 
 
-def test_a_signal_mid_accumulation_saves_at_the_update_boundary_and_resumes_exactly(tmp_path):
-    """SIGTERM after the first of two micro-batches: last.ckpt is written after the second (the accumulated
-    gradients are not in checkpoints), and resuming from it continues the uninterrupted run's trajectory."""
+@pytest.mark.parametrize("stop", ["SIGTERM", "callback"])
+def test_a_stop_mid_accumulation_saves_at_the_update_boundary_and_resumes_exactly(tmp_path, stop):
+    """SIGTERM, or a callback asking to stop (as max_time's Timer does), after the first of two micro-batches:
+    training ends after the second, last.ckpt is written then (the accumulated gradients are not in checkpoints),
+    and resuming from it continues the uninterrupted run's trajectory."""
     import os
     import signal
+    from contextlib import nullcontext
 
     from lightning import Callback
 
     from dmd_lightning.checkpoint import ModelCheckpoint, Stopped
 
-    class Terminate(Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if batch_idx == 4:  # the first micro-batch of the third update
-                os.kill(os.getpid(), signal.SIGTERM)
-
-    def module():
-        torch.manual_seed(0)
-        return toy_module(optim=dict(accumulate=2), fake_updates_per_generator_update=2)
-
-    straight = module()
-    fit(straight, max_steps=8, tmp_path=tmp_path / "a")
-    stopped = module()
-    with pytest.raises(Stopped):
-        fit(stopped, max_steps=8, tmp_path=tmp_path / "b",
-            callbacks=[Terminate(), ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)])
-    assert torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)["dmd_iteration"] == 6
-    resumed = module()
-    fit(resumed, max_steps=8, tmp_path=tmp_path / "b", ckpt_path=str(tmp_path / "b" / "last.ckpt"))
-    assert_same_weights(straight, resumed)
-
-
-def test_a_stop_mid_accumulation_waits_for_the_update_boundary_and_resumes_exactly(tmp_path):
-    """A callback (as max_time's Timer) asks to stop after the first of two micro-batches: training ends after the
-    second, and last.ckpt, written then, resumes on the uninterrupted run's trajectory."""
-    from lightning import Callback
-
-    from dmd_lightning.checkpoint import ModelCheckpoint
-
     class Stop(Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if batch_idx == 4:  # the first micro-batch of the third update
-                trainer.should_stop = True
+                if stop == "SIGTERM":
+                    os.kill(os.getpid(), signal.SIGTERM)
+                else:
+                    trainer.should_stop = True
 
     def module():
         torch.manual_seed(0)
@@ -305,8 +283,9 @@ def test_a_stop_mid_accumulation_waits_for_the_update_boundary_and_resumes_exact
     straight = module()
     fit(straight, max_steps=8, tmp_path=tmp_path / "a")
     stopped = module()
-    fit(stopped, max_steps=8, tmp_path=tmp_path / "b",
-        callbacks=[Stop(), ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)])
+    with pytest.raises(Stopped) if stop == "SIGTERM" else nullcontext():
+        fit(stopped, max_steps=8, tmp_path=tmp_path / "b",
+            callbacks=[Stop(), ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)])
     assert stopped.iteration == 6 and not stopped.mid_update
     assert torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)["dmd_iteration"] == 6
     resumed = module()

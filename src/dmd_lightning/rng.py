@@ -50,6 +50,8 @@ def repeated_batch(module, batch_idx: int) -> bool:
     Repeats are run (the ranks stay in step) but not scored, so N ranks score the samples of one process."""
     trainer = module.trainer
     loader = trainer.test_dataloaders if trainer.testing else trainer.val_dataloaders
+    if trainer.world_size == 1 or not hasattr(getattr(loader, "dataset", None), "__len__"):
+        return False  # one process, or loaders this module did not make (several, or iterable: no padding)
     return batch_seed(module, batch_idx) >= len(loader.dataset)
 
 

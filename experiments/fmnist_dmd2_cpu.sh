@@ -92,5 +92,6 @@ rows=(gan_4step_s0 gan_4step_s1 gan_4step_lr2e-5_s0 gan_4step_lr2e-5_s1 nogan_4s
       init_1step)
 python experiments/fmnist_summary.py grid none "$WORK/samples.png" "${rows[@]/#/$WORK/runs/}"
 later=(gan_4step_each_s0 gan_4step_each_s1 gan_4step_each_s0_120m gan_4step_each_s1_120m nogan_4step_each_s0
-       nogan_4step_each_s1 gan_4step_perstep_s0 gan_4step_perstep_s1 gan_4step_ratio10_s0 gan_4step_ratio10_s1)
+       nogan_4step_each_s1 gan_4step_perstep_s0 gan_4step_perstep_s1 gan_4step_ratio10_s0 gan_4step_ratio10_s1
+       dmd_v1_s0 dmd_v1_s1)
 python experiments/fmnist_summary.py grid none "$WORK/samples_later.png" "${later[@]/#/$WORK/runs/}"

@@ -47,7 +47,8 @@ def batch_seed(module, batch_idx: int) -> int:
 def repeated_batch(module, batch_idx: int) -> bool:
     """Whether this rank's validation or test batch `batch_idx` repeats an earlier one: DistributedSampler gives
     every rank as many batches by dealing the first batches again past the end (global index >= their count).
-    Repeats are run (the ranks stay in step) but not scored, so N ranks score the samples of one process."""
+    Repeats still reach validation_step (every rank takes as many steps) but are not scored, so N ranks score the
+    samples of one process."""
     trainer = module.trainer
     loader = trainer.test_dataloaders if trainer.testing else trainer.val_dataloaders
     if trainer.world_size == 1 or not hasattr(getattr(loader, "dataset", None), "__len__"):

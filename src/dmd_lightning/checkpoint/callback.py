@@ -12,10 +12,11 @@ resumed run continues. This class leaves that warning out.
 
 It also turns SIGTERM (what a cluster sends before pre-emption) and SIGINT (Ctrl-C) into a resumable stop: the
 signal is noted, `last.ckpt` is written at the end of the training step in progress (under DDP, where the ranks
-agree on it every `log_every_n_steps` batches, within that many; during a validation, when that validation ends), and `Stopped` is raised, which `dmd` reports in one line with exit code 128 +
-the signal's number, so that a scheduler requeues the job. A second Ctrl-C interrupts at once. With gradient
-accumulation both this stop and any other asked inside an update (max_time, another callback) wait for the update's
-last micro-batch: accumulated gradients are not in checkpoints, so only an update boundary resumes exactly.
+agree on it every `log_every_n_steps` batches, within that many; during a validation, when that validation ends),
+and `Stopped` is raised, which `dmd` reports in one line with exit code 128 + the signal's number, so that a
+scheduler requeues the job. A second Ctrl-C interrupts at once. With gradient accumulation both this stop and any
+other asked inside an update (max_time, another callback) wait for the update's last micro-batch: accumulated
+gradients are not in checkpoints, so only an update boundary resumes exactly.
 
 `find_last_checkpoint` is what `dmd fit --ckpt_path last` resumes: the newest `last.ckpt` of the run's
 checkpoint folder, its logger's `version_*` folders or its `default_root_dir`, not only of the new version's

@@ -153,7 +153,8 @@ class LatentPairDataset(PairDataset):
 
 
 class _ValBatches(Dataset):
-    """Batch k of the fixed validation set: noise seeded per item (rng.stream_seed), the embeddings and texts of its prompts."""
+    """Batch k of the fixed validation set: noise seeded per item (rng.stream_seed), the embeddings and texts of its
+    prompts."""
 
     def __init__(self, prompts: list[str], embeddings: Tensor, shape: list[int], size: int, batch_size: int,
                  seed: int):

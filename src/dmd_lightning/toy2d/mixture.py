@@ -122,8 +122,8 @@ class ModeCoverage(Evaluator):
         self.samples.append(samples.detach().float().cpu())
 
     def compute(self) -> dict[str, float]:
-        return mode_statistics(gather_samples(torch.cat(self.samples)), self.means, self.weights, self.std, self.radius_stds,
-                               self.min_fraction)
+        samples = gather_samples(torch.cat(self.samples))  # every rank's, under DDP
+        return mode_statistics(samples, self.means, self.weights, self.std, self.radius_stds, self.min_fraction)
 
 
 def mode_statistics(x: Tensor, means: Tensor, weights: Tensor, std: float, radius_stds: float = 4.0,

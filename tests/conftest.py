@@ -95,6 +95,16 @@ def cli_on_tiny(config: str, tmp_path, max_steps: int, model: dict, data: dict, 
     return cli([command, *args]), args
 
 
+def gloo_ranks():
+    """DDP over spawned gloo processes whose collectives time out after 2 minutes: a rank left waiting for another
+    fails the test instead of hanging it."""
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    return DDPStrategy(start_method="spawn", process_group_backend="gloo", timeout=timedelta(seconds=120))
+
+
 def toy_module(optim: dict | None = None, **kw):
     """DMDModule on the 2-D toy with small MLPs: a training step in milliseconds. optim: Optimization's
     arguments over the toy's (lr 1e-3, 2 warm-up steps)."""

@@ -105,16 +105,14 @@ def test_teacher_export_on_two_gloo_ranks(tmp_path):
     """ExportTeacher reads the logger's folder (trainer.log_dir, a collective) on every rank, not only on the rank that
     writes: else rank 0 waits for a broadcast that rank 1 never joins."""
     import json
-    from datetime import timedelta
 
+    from conftest import gloo_ranks
     from lightning.pytorch.loggers import TensorBoardLogger
-    from lightning.pytorch.strategies import DDPStrategy
 
     from dmd_lightning.fmnist.teacher import ExportTeacher, FashionMNISTDataModule
 
     module = TeacherModule(block_out_channels=(16, 16, 32), layers_per_block=1, warmup_steps=1)
-    strategy = DDPStrategy(start_method="spawn", process_group_backend="gloo", timeout=timedelta(seconds=120))
-    trainer = Trainer(max_steps=2, accelerator="cpu", devices=2, strategy=strategy, enable_checkpointing=False,
+    trainer = Trainer(max_steps=2, accelerator="cpu", devices=2, strategy=gloo_ranks(), enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, logger=TensorBoardLogger(tmp_path),
                       callbacks=[ExportTeacher(str(tmp_path / "teacher"), every_n_steps=1)])
     trainer.fit(module, datamodule=FashionMNISTDataModule(batch_size=4, split="test"))

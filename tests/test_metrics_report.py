@@ -42,33 +42,20 @@ def test_table_of_a_model_without_metrics():
 def _validate(tmp_path, devices: int) -> tuple[dict, dict]:
     """The toy's untrained generator validated on 300 samples in 3 batches, on `devices` gloo ranks with a TensorBoard
     logger and no checkpoint (the report goes to the logger's folder): the metrics and the written report."""
-    from datetime import timedelta
-
+    from conftest import gloo_ranks, toy_module
     from lightning import seed_everything
     from lightning.pytorch.loggers import TensorBoardLogger
-    from lightning.pytorch.strategies import DDPStrategy
 
-    from dmd_lightning import DMDModule, L2Loss, VPSchedule
     from dmd_lightning.cli import DMDTrainer
     from dmd_lightning.metrics.report import ValidationReport
-    from dmd_lightning.toy2d.mixture import (
-        GaussianMixtureDenoiser,
-        MLPDenoiser,
-        MLPGenerator,
-        ModeCoverage,
-        ToyDataModule,
-    )
+    from dmd_lightning.toy2d.mixture import ModeCoverage, ToyDataModule
 
     seed_everything(0)
-    schedule = VPSchedule()
-    module = DMDModule(GaussianMixtureDenoiser(schedule), MLPGenerator(hidden=16), MLPDenoiser(schedule, hidden=16),
-                       regression_loss=L2Loss(), evaluator=ModeCoverage())
+    module = toy_module(evaluator=ModeCoverage())
     data = ToyDataModule(num_pairs=16, sampler_steps=2, val_size=300, val_batch_size=100)
-    strategy = (DDPStrategy(start_method="spawn", process_group_backend="gloo", timeout=timedelta(seconds=120))
-                if devices > 1 else "auto")
-    trainer = DMDTrainer(accelerator="cpu", devices=devices, strategy=strategy, callbacks=[ValidationReport()],
-                         logger=TensorBoardLogger(tmp_path / f"devices{devices}"), enable_progress_bar=False,
-                         enable_model_summary=False)
+    trainer = DMDTrainer(accelerator="cpu", devices=devices, strategy=gloo_ranks() if devices > 1 else "auto",
+                         callbacks=[ValidationReport()], logger=TensorBoardLogger(tmp_path / f"devices{devices}"),
+                         enable_progress_bar=False, enable_model_summary=False)
     (metrics,) = trainer.validate(module, datamodule=data, verbose=False)
     (path,) = (tmp_path / f"devices{devices}").rglob("validate.json")
     return metrics, json.loads(path.read_text())

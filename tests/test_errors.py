@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import fit, tiny_unet, toy_module
+from conftest import dmd2, fit, fit_images, tiny_unet, toy_module
 from lightning import Callback, Trainer
 
 from dmd_lightning import DMDModule, UNetDenoiser
@@ -114,6 +114,19 @@ def test_non_finite_weights_stop_a_skipping_run(tmp_path):
     with pytest.raises(NonFiniteError, match=r"generator update at iteration 1 \(global step 0\): the generator's "
                                              "weights are non-finite"):
         fit(m, max_steps=4, tmp_path=tmp_path)
+
+
+def test_non_finite_gan_head_weights_stop_the_run_at_once_and_are_never_saved(tmp_path):
+    """The GAN head trains with the fake score (its optimizer): its weights count as the fake score's, so the first
+    skipped fake-score update stops the run instead of the 20th, and a checkpoint of them is refused."""
+    m = dmd2()
+    with torch.no_grad():
+        next(m.classifier.parameters()).view(-1)[0] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"fake_score update at iteration 1 .*: the fake_score's weights are "
+                                             "non-finite"):
+        fit_images(m, tmp_path, max_steps=40)
+    with pytest.raises(NonFiniteError, match="classifier has non-finite weights"):
+        m.on_save_checkpoint({"state_dict": m.state_dict()})
 
 
 def test_every_load_is_safe():

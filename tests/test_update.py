@@ -164,6 +164,26 @@ def test_16_mixed_clips_and_checks_unscaled_gradients_and_the_loss_scale_backs_o
     assert math.isfinite(norms[-1]["generator/grad_norm"])
 
 
+class NaNValue(nn.Module):
+    """A loss whose value is NaN while its gradient is finite."""
+
+    def forward(self, pred, target):
+        return (pred - target).pow(2).mean() + torch.tensor(float("nan"))
+
+
+@pytest.mark.parametrize("check", CHECKS)
+def test_16_mixed_skips_a_non_finite_loss_term_whose_gradient_is_finite(tmp_path, check):
+    """GradScaler decides a fused step from the gradients alone: a non-finite loss term with finite gradients
+    must still leave the weights and Adam's state alone (a loss scale of 1, so no gradient overflows)."""
+    m = toy_module(nonfinite=NonFinite(check=check))
+    m.regression_loss = NaNValue()
+    g0 = [p.detach().clone() for p in m.generator.parameters()]
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    fit(m, max_steps=8, tmp_path=tmp_path, log_every_n_steps=2, plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
+    assert all(torch.equal(a, b) for a, b in zip(g0, m.generator.parameters()))
+    assert all(not v.any() for v in adam_state(m, 0))
+
+
 def test_every_network_is_logged_when_the_generator_turn_misses_the_logging_iterations(tmp_path):
     """Two fake-score updates per generator update, logging every 2nd iteration: the generator updates at iterations
     1, 3, 5 and Lightning writes at 2, 4, 6. Each logging iteration carries the generator's latest update (loss

@@ -109,7 +109,11 @@ def check_labels(teacher: Denoiser, num_classes: int | None) -> None:
 
 
 def is_finite_module(net: nn.Module) -> bool:
-    return all(bool(torch.isfinite(p.detach()).all()) for p in net.parameters())
+    return all_finite(net.parameters())
+
+
+def all_finite(tensors) -> bool:
+    return all(bool(torch.isfinite(t.detach()).all()) for t in tensors)
 
 
 def size_pair(sample_size) -> tuple[int, int]:

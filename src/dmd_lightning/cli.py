@@ -91,15 +91,16 @@ class DMDCLI(LightningCLI):
         evaluation uses the settings it was trained with; here the file is read safely first (CheckpointError
         naming it otherwise) and only the keys the configured model takes are copied. An override of Lightning's
         private method, kept on purpose: Lightning's own reads the whole checkpoint into memory for its
-        hyper-parameters (tens of GB at SD1.5 scale), this one memory-maps it."""
+        hyper-parameters (tens of GB at SD1.5 scale), this one memory-maps a file and reads a sharded folder's
+        skeleton alone."""
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if not path or not os.path.isfile(path):
+        if not path or not os.path.exists(path):  # a file, or a ShardedCheckpointIO folder
             return
         init_args = self.config[subcommand].get("model", {}).get("init_args")
         if init_args is None:
             return
-        hparams = upgrade_hparams(load_checkpoint_file(path).get("hyper_parameters") or {}, init_args)
+        hparams = upgrade_hparams(load_checkpoint_file(path, tensors=False).get("hyper_parameters") or {}, init_args)
         for key, value in hparams.items():
             if key in init_args and not key.startswith("_"):
                 init_args[key] = value

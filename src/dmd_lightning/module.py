@@ -189,8 +189,8 @@ class DMDModule(LightningModule):
             self.updates["fake_score"].run(self, opt_f, sch_f, loss, terms, last)
         if self.logs_now:  # each network's latest update, which need not fall on this iteration
             self.log("train/iteration", float(self.iteration), on_step=True)
-            for name, update in self.updates.items():
-                update.flush(self, getattr(self, name))
+            for update in self.updates.values():
+                update.flush(self)
 
     @property
     def logs_now(self) -> bool:
@@ -241,8 +241,8 @@ class DMDModule(LightningModule):
         self.averager.reset()  # a device move since the last fit replaces buffers
 
     def on_train_end(self) -> None:
-        for name, update in self.updates.items():  # check="logging": skips since the last logging step
-            update.report(self, getattr(self, name), "end of training", log=False)
+        for update in self.updates.values():  # check="logging": skips since the last logging step
+            update.report(self, "end of training", log=False)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if self._restored is not None:

@@ -29,8 +29,8 @@ def untrained_keys(module) -> list[str]:
 def save_state(module, checkpoint: dict) -> None:
     """on_save_checkpoint: refuses non-finite weights, leaves out what the model loads itself, adds the update
     count and the RNG states."""
-    for name in ("generator", "fake_score", "generator_ema"):
-        if not is_finite_module(getattr(module, name)):
+    for name in ("generator", "fake_score", "generator_ema", "classifier"):
+        if getattr(module, name) is not None and not is_finite_module(getattr(module, name)):
             raise NonFiniteError(f"{name} has non-finite weights at iteration {module.iteration}; not saving")
     drop_frozen(checkpoint["state_dict"], FROZEN)
     for k in untrained_keys(module):

@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from dmd_lightning.checkpoint.files import existing, fsync, old_sibling, remove, remove_stale_temporaries, write
-from dmd_lightning.checkpoint.sharded import load_sharded, save_sharded
+from dmd_lightning.checkpoint.sharded import load_sharded, load_skeleton, save_sharded
 from dmd_lightning.errors import CheckpointError
 
 
@@ -62,11 +62,15 @@ def _unreadable(path, err: Exception) -> CheckpointError:
                            f"({type(err).__name__}); pass a checkpoint written by `dmd fit`")
 
 
-def load_checkpoint_file(path) -> dict:
+def load_checkpoint_file(path, tensors: bool = True) -> dict:
     """A checkpoint loaded with weights_only=True, memory-mapped where its format allows (a cheap look at its
-    hyper-parameters), or a ShardedCheckpointIO folder; CheckpointError naming the file when it is not one."""
+    hyper-parameters), or a ShardedCheckpointIO folder (`tensors=False`: its skeleton alone, every tensor None);
+    CheckpointError naming the file when it is not one."""
     if os.path.isdir(existing(path)):
-        return load_sharded(path)
+        try:
+            return load_sharded(path) if tensors else load_skeleton(path)
+        except (OSError, ValueError) as err:
+            raise CheckpointError(str(err)) from None
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError:  # files of the legacy (non-zip) format cannot be memory-mapped

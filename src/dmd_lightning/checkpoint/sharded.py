@@ -70,8 +70,27 @@ def load_sharded(folder, map_location: Any | None = None) -> dict:
 
     map_location: a device or device string for the tensors; anything else (Lightning's callables) loads to CPU.
     """
-    folder = Path(existing(folder))
+    folder, index = _checked(folder)
     device = str(map_location) if isinstance(map_location, (str, torch.device)) else "cpu"
+    tensors = {}
+    for name in (n for n in index["files"] if n.endswith(".safetensors")):
+        try:
+            tensors.update(load_file(folder / name, device=device))
+        except safetensors.SafetensorError as err:
+            raise ValueError(f"checkpoint shard {folder / name} is corrupt: {err}") from err
+    return _fill(_load_skeleton(folder), tensors, folder)
+
+
+def load_skeleton(folder) -> dict:
+    """What `save_sharded` wrote to `folder` without its tensors, each left as None: a cheap look at a checkpoint's
+    plain values (its hyper-parameters) that reads kilobytes, not the shards."""
+    folder, _ = _checked(folder)
+    return _fill(_load_skeleton(folder), None, folder)
+
+
+def _checked(folder) -> tuple[Path, dict]:
+    """The folder to read (see `existing`) and its index, once every file the index lists is there, whole."""
+    folder = Path(existing(folder))
     if not (folder / INDEX).is_file():
         raise FileNotFoundError(f"{folder / INDEX} not found: not a (complete) sharded checkpoint")
     try:
@@ -84,17 +103,14 @@ def load_sharded(folder, map_location: Any | None = None) -> dict:
         if (folder / name).stat().st_size != size:
             raise ValueError(f"checkpoint shard {folder / name} has {(folder / name).stat().st_size} bytes, "
                              f"{INDEX} says {size}: truncated or corrupt")
-    tensors = {}
-    for name in (n for n in index["files"] if n.endswith(".safetensors")):
-        try:
-            tensors.update(load_file(folder / name, device=device))
-        except safetensors.SafetensorError as err:
-            raise ValueError(f"checkpoint shard {folder / name} is corrupt: {err}") from err
+    return folder, index
+
+
+def _load_skeleton(folder: Path):
     try:
-        skeleton = torch.load(folder / SKELETON, map_location="cpu", weights_only=True)
+        return torch.load(folder / SKELETON, map_location="cpu", weights_only=True)
     except Exception as err:
         raise ValueError(f"{folder / SKELETON} is corrupt: {err}") from err
-    return _fill(skeleton, tensors, folder)
 
 
 def _skeleton(obj, where: str, tensors: list | None):
@@ -176,9 +192,12 @@ def _own(t: torch.Tensor, seen: set) -> torch.Tensor:
     return t
 
 
-def _fill(node, tensors: dict, folder: Path):
-    """The inverse of `_skeleton`: markers replaced by the loaded tensors, chunks put back together."""
+def _fill(node, tensors: dict | None, folder: Path):
+    """The inverse of `_skeleton`: markers replaced by the loaded tensors, chunks put back together (by None when
+    `tensors` is None)."""
     if isinstance(node, dict) and _MARK in node:
+        if tensors is None:
+            return None
         keys = node[_MARK]
         missing = [k for k in ([keys] if isinstance(keys, str) else keys) if k not in tensors]
         if missing:

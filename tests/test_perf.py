@@ -4,12 +4,13 @@ import pytest
 import torch
 from conftest import RandomImages, assert_same_gradients, dmd2, fit_images, teacher_v, toy_optim
 from lightning import Callback, Trainer
+from lightning.pytorch.callbacks import Timer as LightningTimer
 from lightning.pytorch.loggers import CSVLogger
 from torch._dynamo.utils import counters
 
 from dmd_lightning import DMDModule
 from dmd_lightning.data.stream import DMDDataModule
-from dmd_lightning.perf import Compilation, FastMath, Throughput, compile_target, count_flops, peak_flops
+from dmd_lightning.perf import Compilation, FastMath, Throughput, Timer, compile_target, count_flops, peak_flops
 
 
 def test_flops_of_a_matmul_and_of_its_backward():
@@ -121,3 +122,34 @@ def test_throughput_counts_flops_through_the_gans_generator_term(tmp_path):
     m, perf = dmd2(), Throughput(count_iterations=1)
     fit_images(m, tmp_path, max_steps=3, callbacks=[perf])
     assert m.iteration == 2 and perf.flops_per_iteration > 0
+
+
+def test_the_timer_agrees_across_ranks_on_logging_steps_only():
+    """Under DDP each check of max_time is a broadcast (a host synchronisation under NCCL): batches 0, 5, 10 only
+    with log_every_n_steps 5; one process checks every batch, as Lightning's Timer."""
+    from types import SimpleNamespace
+
+    checked = []
+    for world_size in (2, 1):
+        strategy = SimpleNamespace(broadcast=lambda stop: checked.append((world_size, batch)) or stop)
+        trainer = SimpleNamespace(world_size=world_size, log_every_n_steps=5, strategy=strategy, should_stop=False)
+        timer = Timer(duration="00:00:01:00")
+        for batch in range(12):
+            timer.on_train_batch_end(trainer, None, None, None, batch)
+    assert checked == [(2, 0), (2, 5), (2, 10)] + [(1, b) for b in range(12)]
+
+
+@pytest.mark.parametrize("subcommand", [["fit"], []])
+def test_dmd_uses_this_timer_for_max_time(tmp_path, monkeypatch, subcommand):
+    """`--trainer.max_time` gives one Timer, this one, whether the CLI runs a subcommand or not (run=False)."""
+    from pathlib import Path
+
+    from dmd_lightning.cli import cli
+
+    monkeypatch.chdir(Path(__file__).parents[1])
+    run = cli([*subcommand, "--config", "configs/toy2d.yaml", "--trainer.default_root_dir", str(tmp_path),
+               "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.max_time",
+               "00:00:10:00", "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
+               "--data.init_args.num_pairs", "64", "--data.init_args.sampler_steps", "4"], run=bool(subcommand))
+    timers = [cb for cb in run.trainer.callbacks if isinstance(cb, LightningTimer)]
+    assert len(timers) == 1 and type(timers[0]) is Timer and 590 < timers[0].time_remaining() <= 600

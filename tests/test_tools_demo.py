@@ -14,7 +14,7 @@ ROOT = Path(__file__).parents[1]
 
 def test_demo_runs_its_stages_at_toy_sizes(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
-    table = main(["--out", str(tmp_path), "--num-pairs", "32", "--steps", "2", "--max-time", "00:00:00:30",
+    table = main(["--out", str(tmp_path), "--num-pairs", "32", "--steps", "2", "--max-time", "00:00:10:00",
                   "--iterations", "2", "--val-size", "32", "--batch-size", "8"])
     teacher, one_step, student = (table[k] for k in ("teacher, ddim 2 steps (its pairs)",
                                                      "teacher, one step (x0-prediction at t=999)",

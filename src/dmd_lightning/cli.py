@@ -13,11 +13,13 @@ import sys
 
 from lightning import LightningDataModule, LightningModule, Trainer
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import Timer as LightningTimer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from dmd_lightning.checkpoint import CheckpointIO, Stopped, find_last_checkpoint, load_checkpoint_file
 from dmd_lightning.errors import CheckpointError, ConfigError, DataNotFoundError, NonFiniteError
+from dmd_lightning.perf import Timer
 from dmd_lightning.quiet import quiet
 from dmd_lightning.state import upgrade_hparams
 
@@ -106,6 +108,13 @@ class DMDCLI(LightningCLI):
                 init_args[key] = value
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
+        section = self.config_init[self.subcommand] if self.subcommand else self.config_init  # run=False: unkeyed
+        config = {**(section.get("trainer") or {}), **kwargs}
+        callbacks = config.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        if config.get("max_time") is not None and not any(isinstance(cb, LightningTimer) for cb in callbacks):
+            # the Timer max_time makes agrees across ranks at every batch: perf.Timer does so on logging steps
+            kwargs.update(max_time=None, callbacks=[*callbacks, Timer(duration=config["max_time"])])
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # no plugin chosen: write beside, rename
             trainer.strategy.checkpoint_io = CheckpointIO()

@@ -6,6 +6,9 @@ table of cards, `get_available_flops`; none for CPUs, where only rates are logge
 fake-score-only ones of the two time-scale rule, averaged as the rule mixes them) and then, every
 `log_every_n_steps`, logs `perf/iterations_per_s`, `perf/samples_per_s` (the DM batch over all devices) and
 `perf/mfu`. It synchronises the device only on those logging steps; the counting iterations are not timed.
+
+`Timer` is Lightning's `max_time` Timer whose ranks agree on the limit every `log_every_n_steps` batches, not at
+every batch (under DDP the agreement is a broadcast, which waits for the device); `dmd` uses it for `max_time`.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Callable
 import torch
 from lightning import Callback
 from lightning.fabric.utilities.throughput import get_available_flops
+from lightning.pytorch.callbacks import Timer as LightningTimer
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -164,3 +168,15 @@ class FastMath(Callback):
     def teardown(self, trainer, pl_module, stage: str) -> None:
         torch.set_float32_matmul_precision(self._before[0])  # process-wide settings: as they were
         torch.backends.cudnn.allow_tf32 = self._before[1]
+
+
+class Timer(LightningTimer):
+    """Lightning's Timer (the one `Trainer(max_time=...)` makes; the same arguments), checked every
+    `log_every_n_steps` training batches under DDP: each check broadcasts rank 0's verdict, a host synchronisation
+    under NCCL, so a run stops at most that many batches after its time is up."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.world_size > 1 and batch_idx % trainer.log_every_n_steps:
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+

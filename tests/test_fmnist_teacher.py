@@ -119,3 +119,11 @@ def test_teacher_export_on_two_gloo_ranks(tmp_path):
     provenance = json.loads((tmp_path / "teacher/provenance.json").read_text())
     assert provenance["steps"] == 2 and provenance["devices"] == 2
     assert UNet2DModel.from_pretrained(tmp_path / "teacher/unet").config.block_out_channels == [16, 16, 32]
+
+
+def test_export_interval_below_one_is_a_config_error():
+    from dmd_lightning.errors import ConfigError
+    from dmd_lightning.fmnist.teacher import ExportTeacher
+
+    with pytest.raises(ConfigError, match="every_n_steps=0: must be an integer >= 1"):
+        ExportTeacher(every_n_steps=0)

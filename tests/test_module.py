@@ -63,6 +63,16 @@ def test_ablations_skip_the_networks_they_do_not_use(tmp_path):
     assert regression_only.iteration == 3
 
 
+def test_a_run_with_logging_off_trains(tmp_path):
+    """log_every_n_steps 0 is Lightning's "never log": the steps that ride on logging (the module's logs, the
+    throughput's timing) fall every 50 batches instead of dividing by zero."""
+    from dmd_lightning.perf import Throughput
+
+    m = toy_module()
+    fit(m, max_steps=4, tmp_path=tmp_path, log_every_n_steps=0, callbacks=[Throughput()])
+    assert m.iteration == 2
+
+
 def test_no_checkpoint_with_non_finite_weights(tmp_path):
     m = toy_module()
     trainer = fit(m, max_steps=2, tmp_path=tmp_path)

@@ -130,13 +130,13 @@ def test_the_timer_agrees_across_ranks_on_logging_steps_only():
     from types import SimpleNamespace
 
     checked = []
-    for world_size in (2, 1):
+    for world_size, every in ((2, 5), (1, 5), (2, 0)):  # 0: logging off, every 50
         strategy = SimpleNamespace(broadcast=lambda stop: checked.append((world_size, batch)) or stop)
-        trainer = SimpleNamespace(world_size=world_size, log_every_n_steps=5, strategy=strategy, should_stop=False)
+        trainer = SimpleNamespace(world_size=world_size, log_every_n_steps=every, strategy=strategy, should_stop=False)
         timer = Timer(duration="00:00:01:00")
-        for batch in range(12):
+        for batch in range(12 if every else 60):
             timer.on_train_batch_end(trainer, None, None, None, batch)
-    assert checked == [(2, 0), (2, 5), (2, 10)] + [(1, b) for b in range(12)]
+    assert checked == [(2, 0), (2, 5), (2, 10)] + [(1, b) for b in range(12)] + [(2, 0), (2, 50)]
 
 
 @pytest.mark.parametrize("subcommand", [["fit"], []])

@@ -18,7 +18,7 @@ from dmd_lightning.images import log_grid
 from dmd_lightning.losses import DenoisingLoss, DMLoss
 from dmd_lightning.metrics.evaluation import Evaluator, Evaluators
 from dmd_lightning.optim import Optimization
-from dmd_lightning.perf import Compilation
+from dmd_lightning.perf import Compilation, sync_every
 from dmd_lightning.rng import GlobalNoise, batch_seed, rank_world, repeated_batch
 from dmd_lightning.state import load_state, restore_rng, save_state, warm_start
 from dmd_lightning.update import GuardedUpdate, NonFinite
@@ -195,8 +195,9 @@ class DMDModule(LightningModule):
     @property
     def logs_now(self) -> bool:
         """Lightning writes step metrics every `log_every_n_steps` only; the self.log calls in between cost
-        time for nothing (about 12% of a small network's iteration), so they are skipped."""
-        return self._trainer is None or self.iteration % self.trainer.log_every_n_steps == 0
+        time for nothing (about 12% of a small network's iteration), so they are skipped. With logging off (0) the
+        non-finite guard still reports (check="logging") every 50 iterations."""
+        return self._trainer is None or self.iteration % sync_every(self.trainer) == 0
 
     @property
     def mid_update(self) -> bool:

@@ -87,6 +87,12 @@ class Compilation:
             torch.compiler.cudagraph_mark_step_begin()
 
 
+def sync_every(trainer) -> int:
+    """Batches between the steps on which the host may wait for the device (logging, the ranks' agreements):
+    Lightning's `log_every_n_steps`, or its default 50 where logging is off (0)."""
+    return trainer.log_every_n_steps or 50
+
+
 def count_flops(fn) -> int:
     """FLOPs of the operators `fn()` runs (forward and backward), counted by torch.utils.flop_counter."""
     with FlopCounterMode(display=False) as counter:
@@ -131,7 +137,7 @@ class Throughput(Callback):
             if len(self._counted) == self._cycle(pl_module):
                 self.flops_per_iteration = sum(self._counted) / len(self._counted)
             return
-        if self.flops_per_iteration is None or (batch_idx + 1) % trainer.log_every_n_steps:
+        if self.flops_per_iteration is None or (batch_idx + 1) % sync_every(trainer):
             return
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize()
@@ -176,7 +182,7 @@ class Timer(LightningTimer):
     under NCCL, so a run stops at most that many batches after its time is up."""
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.world_size > 1 and batch_idx % trainer.log_every_n_steps:
+        if trainer.world_size > 1 and batch_idx % sync_every(trainer):
             return
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 

@@ -34,6 +34,8 @@ import warnings
 
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 
+from dmd_lightning.perf import sync_every
+
 _POST_STEP_WARNING = "Using ModelCheckpoint with manual optimization and every_n_train_steps"
 
 
@@ -98,7 +100,7 @@ class ModelCheckpoint(LightningModelCheckpoint):
         if self._stopping is not None:
             return
         if not self._agreed:
-            if trainer.world_size > 1 and batch_idx is not None and batch_idx % trainer.log_every_n_steps:
+            if trainer.world_size > 1 and batch_idx is not None and batch_idx % sync_every(trainer):
                 return
             self._agreed = trainer.strategy.reduce_boolean_decision(self.signum is not None, all=False)
             if not self._agreed:

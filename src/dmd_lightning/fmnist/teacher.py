@@ -121,6 +121,7 @@ class ExportTeacher(Callback):
     The commit is $DMD_GIT_COMMIT where set, else `git rev-parse HEAD` (with `-dirty` for local changes)."""
 
     def __init__(self, folder: str = "weights/fmnist-teacher", every_n_steps: int = 1000):
+        check_int("every_n_steps", every_n_steps)
         self.folder, self.every_n_steps = folder, every_n_steps
         self.wall_s, self._start = 0.0, None  # training wall time of earlier (resumed-from) runs; this run's start
 

@@ -136,7 +136,7 @@ def test_expected_values_given_as_strings_or_other_spellings_of_a_path_match(tmp
     monkeypatch.chdir(tmp_path)
     manifest = {"num_steps": 5, "guidance_scale": 1.0, "noise_shape": [1, 2, 2], "teacher": "weights/x"}
     check_expected(manifest, {"num_steps": "5", "guidance_scale": "1.0", "noise_shape": "[1, 2, 2]"}, tmp_path)
-    check_expected(manifest, {"guidance_scale": 1, "teacher": "./weights/x"}, tmp_path)
+    check_expected(manifest, {"guidance_scale": 1, "teacher": "./weights/x", "noise_shape": (1, 2, 2)}, tmp_path)
     check_expected(manifest, {"teacher": str(tmp_path / "weights" / "y" / ".." / "x")}, tmp_path)
     with pytest.raises(PairsError, match=re.escape("num_steps=5, but num_steps='6' was expected")):
         check_expected(manifest, {"num_steps": "6"}, tmp_path)
@@ -144,6 +144,8 @@ def test_expected_values_given_as_strings_or_other_spellings_of_a_path_match(tmp
         check_expected({"num_steps": "5"}, {"num_steps": 6}, tmp_path)
     with pytest.raises(PairsError, match=re.escape("teacher='weights/x', but teacher='weights/y' was expected")):
         check_expected(manifest, {"teacher": "weights/y"}, tmp_path)
+    with pytest.raises(PairsError, match="noise_shape"):
+        check_expected(manifest, {"noise_shape": (1, 2, 3)}, tmp_path)
 
 
 def test_shards_and_manifest_get_the_usual_file_mode(tmp_path):

@@ -38,3 +38,20 @@ def test_native_and_converted_model_outputs_give_the_same_samples():
     a = sample_ode(teacher, z, make_scheduler("ddim", schedule.config), 20)
     b = sample_ode(teacher, z, make_scheduler("ddim", schedule.config, prediction_type="sample"), 20)
     torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["ddim", "pndm"])
+def test_samplers_take_the_teachers_steps_offset_and_final_alpha(name):
+    """Stable Diffusion 1.5's scheduler config (steps_offset 1, set_alpha_to_one false): the sampler built on the
+    teacher's schedule takes diffusers' own timesteps (981, 961, ..., 1 at 50 steps, not 980, ..., 0) and final
+    alpha, as the pipeline with that scheduler does."""
+    import diffusers
+
+    sd15 = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                steps_offset=1, set_alpha_to_one=False, skip_prk_steps=True, clip_sample=False)
+    ours = make_scheduler(name, VPSchedule.from_config(sd15).config)
+    reference = getattr(diffusers, SCHEDULERS[name][0]).from_config(sd15)
+    for scheduler in (ours, reference):
+        scheduler.set_timesteps(50)
+    assert torch.equal(ours.timesteps, reference.timesteps) and int(ours.timesteps[-1]) == 1
+    assert ours.final_alpha_cumprod == reference.final_alpha_cumprod == reference.alphas_cumprod[0]

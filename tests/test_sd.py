@@ -32,6 +32,9 @@ def test_prompt_files(tmp_path):
     assert read_prompts(tmp_path / "p.csv") == ["a cat, sitting", "a dog"]
     with pytest.raises(ValueError, match="no prompt column"):
         read_prompts(tmp_path / "bad.csv")
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    with pytest.raises(ValueError, match="blank.txt holds no prompts"):  # not a division by zero at the first batch
+        read_prompts(tmp_path / "blank.txt")
     (tmp_path / "p.parquet").write_bytes(b"PAR1")
     try:
         import pyarrow  # noqa: F401

@@ -70,7 +70,11 @@ class VPSchedule(nn.Module):
         prediction_type: str = "epsilon",
         rescale_betas_zero_snr: bool = False,
         timestep_spacing: str = "leading",
+        steps_offset: int = 0,
+        set_alpha_to_one: bool | None = None,
     ):
+        """The diffusers scheduler config's keys; `timestep_spacing`, `steps_offset` and `set_alpha_to_one` (None:
+        each sampler's default) are the teacher's sampler settings, passed on to the samplers (samplers.py)."""
         super().__init__()
         if prediction_type not in PREDICTION_TYPES:
             raise ConfigError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
@@ -100,13 +104,15 @@ class VPSchedule(nn.Module):
             prediction_type=prediction_type,
             rescale_betas_zero_snr=rescale_betas_zero_snr,
             timestep_spacing=timestep_spacing,
+            steps_offset=steps_offset,
+            **({} if set_alpha_to_one is None else {"set_alpha_to_one": set_alpha_to_one}),
         )
 
     @classmethod
     def from_config(cls, config: dict) -> "VPSchedule":
         """Build from a diffusers scheduler config (any scheduler class; extra keys are ignored)."""
         keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type",
-                "rescale_betas_zero_snr", "timestep_spacing")
+                "rescale_betas_zero_snr", "timestep_spacing", "steps_offset", "set_alpha_to_one")
         return cls(**{k: config[k] for k in keys if k in config})
 
     @classmethod

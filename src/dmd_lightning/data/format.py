@@ -285,6 +285,8 @@ def same_setting(key: str, have, want) -> bool:
                 or Path(have).expanduser().resolve() == Path(want).expanduser().resolve())
     if isinstance(have, str) != isinstance(want, str):
         return parsed(have) == parsed(want)
+    if isinstance(have, (list, tuple)) and isinstance(want, (list, tuple)):  # JSON lists, Python tuples
+        return list(have) == list(want)
     return have == want
 
 

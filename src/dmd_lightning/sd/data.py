@@ -31,8 +31,14 @@ PROMPT_COLUMNS = ("prompt", "caption", "text")
 
 def read_prompts(path: str | Path) -> list[str]:
     """Prompts of a .txt (one per line, blank lines skipped), .csv or .parquet file (column prompt, caption or
-    text); .parquet needs pyarrow."""
-    path = Path(path)
+    text); .parquet needs pyarrow. ConfigError when it holds none."""
+    prompts = _read_prompts(Path(path))
+    if not prompts:
+        raise ConfigError(f"prompt file {path} holds no prompts")
+    return prompts
+
+
+def _read_prompts(path: Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {str(path)!r} not found")
     if path.suffix == ".txt":
@@ -102,8 +108,6 @@ class LatentPairGenerationDataModule(PairGenerationDataModule):
     def prompts(self) -> list[str]:
         if self._prompts is None:
             self._prompts = read_prompts(self.prompts_file)
-            if not self._prompts:
-                raise ConfigError(f"prompt file {self.prompts_file} holds no prompts")
         return self._prompts
 
     def prompt_index(self, index: Tensor) -> Tensor:

@@ -60,8 +60,8 @@ def test_pixel_export_runs_in_diffusers_as_the_generator(steps, tmp_path):
 
 
 def test_a_batch_gives_the_same_images_on_any_rank(tmp_path):
-    """The noise between steps is seeded by the batch's global index: on rank 1 of 2, local batch b is global batch
-    2b + 1, and its images are those of one process (checkpoint and exported folder alike)."""
+    """The noise between steps is seeded by the batch's global index and the data's seed: on rank 1 of 2, local
+    batch b is global batch 2b + 1, and its images are those of one process (checkpoint and exported folder alike)."""
     from types import SimpleNamespace
 
     from dmd_lightning.export.pretrained import ExportedGenerator
@@ -77,6 +77,9 @@ def test_a_batch_gives_the_same_images_on_any_rank(tmp_path):
         two = [model.predict_step(b, i)["x"] for i, b in enumerate(batches[1::2])]
         torch.testing.assert_close(two, one[1::2], atol=1e-6, rtol=0)
         assert not torch.allclose(one[0], model.predict_step(batches[0], 0)["x"])  # not just the batch's noise
+        # the data's evaluation seed reaches it too: validation and report seeds never share that noise
+        first, second = (model.predict_step({**batches[0], "seed": torch.tensor(s)}, 0)["x"] for s in (1, 2))
+        assert not torch.allclose(first, second)
 
 
 def test_export_of_the_raw_generator_in_half_precision(tmp_path):

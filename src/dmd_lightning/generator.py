@@ -103,13 +103,13 @@ class MultiStepGenerator(OneStepGenerator):
 
 
 @torch.no_grad()
-def sample(generator: nn.Module, z: Tensor, cond=None, seed: int = 0) -> Tensor:
-    """The generator's samples from noise z: K network evaluations, the fresh noise between steps drawn from `seed`'s
-    stream (rng.stream_seed; so validations, `dmd predict` and an exported folder give the same images); a generator
-    without steps (the toy's MLP) is called directly."""
+def sample(generator: nn.Module, z: Tensor, cond=None, seed: int = 0, index: int = 0) -> Tensor:
+    """The generator's samples from noise z: K network evaluations, the fresh noise between steps drawn from item
+    `index` of `seed`'s stream (rng.stream_seed, rng.steps_seed; so validations, `dmd predict` and an exported folder
+    give the same images); a generator without steps (the toy's MLP) is called directly."""
     if not hasattr(generator, "simulate"):
         return generator(z, cond)
-    return generator(z, cond, torch.Generator(device=z.device).manual_seed(stream_seed("steps", seed)))
+    return generator(z, cond, torch.Generator(device=z.device).manual_seed(stream_seed("steps", seed, index)))
 
 
 def error_gain(schedule: VPSchedule, t: int) -> float:

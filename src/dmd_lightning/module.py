@@ -19,7 +19,7 @@ from dmd_lightning.losses import DenoisingLoss, DMLoss
 from dmd_lightning.metrics.evaluation import Evaluator, Evaluators
 from dmd_lightning.optim import Optimization
 from dmd_lightning.perf import Compilation, sync_every
-from dmd_lightning.rng import GlobalNoise, batch_seed, rank_world, repeated_batch
+from dmd_lightning.rng import GlobalNoise, rank_world, repeated_batch, steps_seed
 from dmd_lightning.state import load_state, restore_rng, save_state, warm_start
 from dmd_lightning.update import GuardedUpdate, NonFinite
 
@@ -252,10 +252,10 @@ class DMDModule(LightningModule):
 
     # ------------------------------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def sample(self, z: Tensor, cond=None, ema: bool = True, seed: int = 0) -> Tensor:
+    def sample(self, z: Tensor, cond=None, ema: bool = True, seed: int = 0, index: int = 0) -> Tensor:
         """K network evaluations per sample (K = 1: one), by the EMA generator unless ema=False; the fresh noise
-        between steps comes from `seed`, so that validations and `dmd predict` are repeatable."""
-        return sample(self.generator_ema if ema else self.generator, z, cond, seed)
+        between steps comes from item `index` of `seed`'s stream, so that validations and `dmd predict` repeat."""
+        return sample(self.generator_ema if ema else self.generator, z, cond, seed, index)
 
     def on_validation_epoch_start(self) -> None:
         self.evaluators.reset()
@@ -264,7 +264,7 @@ class DMDModule(LightningModule):
         if repeated_batch(self, batch_idx):  # DistributedSampler's padding: scored on another rank already
             return
         for evaluator, ema in self.evaluators.active().values():
-            samples = self.sample(batch["z"], batch.get("cond"), ema=ema, seed=batch_seed(self, batch_idx))
+            samples = self.sample(batch["z"], batch.get("cond"), ema, *steps_seed(self, batch, batch_idx))
             evaluator.update(samples, batch)
             if batch_idx == 0 and not self.trainer.sanity_checking:  # fixed seeds and labels: the same images
                 log_grid(self.logger, f"samples/{'ema' if ema else 'raw'}", samples[:64], self.global_step)
@@ -277,7 +277,7 @@ class DMDModule(LightningModule):
     on_test_epoch_end = on_validation_epoch_end
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        return {"x": self.sample(batch["z"], batch.get("cond"), seed=batch_seed(self, batch_idx)), **batch}
+        return {"x": self.sample(batch["z"], batch.get("cond"), True, *steps_seed(self, batch, batch_idx)), **batch}
 
     # ----------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:

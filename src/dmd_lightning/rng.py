@@ -38,10 +38,17 @@ def rank_world(obj) -> tuple[int, int]:
 
 def batch_seed(module, batch_idx: int) -> int:
     """The global index of this rank's evaluation batch `batch_idx` (Lightning's DistributedSampler deals batch
-    b * world_size + rank to each rank as its b-th): the seed of a multi-step generator's noise between steps, so that
-    a batch gives the same images on any number of ranks."""
+    b * world_size + rank to each rank as its b-th)."""
     rank, world = rank_world(module)
     return batch_idx * world + rank
+
+
+def steps_seed(module, batch: dict, batch_idx: int) -> tuple[int, int]:
+    """(seed, index) of a multi-step generator's noise between steps for evaluation batch `batch_idx`: the data's
+    evaluation seed (the batch's "seed", 0 without one) and the batch's global index (`batch_seed`), so that the
+    validation and report seeds differ in that noise too, and a batch gives the same images on any number of ranks."""
+    seed = batch.get("seed", 0)
+    return int(seed), batch_seed(module, batch_idx)
 
 
 def repeated_batch(module, batch_idx: int) -> bool:

@@ -169,11 +169,12 @@ class DMDDataModule(StreamDataModule):
 def noise_batches(shape: tuple[int, ...], size: int, batch_size: int, num_classes: int | None,
                   seed: int) -> list[dict[str, Tensor]]:
     """`size` noise samples of `shape` drawn from `seed`'s evaluation stream (rng.stream_seed: never a training
-    batch's or a pair's noise), in batches {z, cond}, with labels i % num_classes."""
+    batch's or a pair's noise), in batches {z, cond, seed}, with labels i % num_classes; `seed` (a 0-d tensor) also
+    seeds a multi-step generator's noise between steps (rng.steps_seed)."""
     z = torch.randn(size, *shape, generator=torch.Generator().manual_seed(stream_seed("eval", seed)))
     out = []
     for start in range(0, size, batch_size):
-        b = {"z": z[start:start + batch_size]}
+        b = {"z": z[start:start + batch_size], "seed": torch.tensor(seed)}
         if num_classes is not None:
             b["cond"] = torch.arange(start, start + len(b["z"])) % num_classes
         out.append(b)

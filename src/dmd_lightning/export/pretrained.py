@@ -15,7 +15,7 @@ from dmd_lightning.denoisers import UNetDenoiser
 from dmd_lightning.export.pixel import INFO
 from dmd_lightning.generator import MultiStepGenerator, OneStepGenerator, sample
 from dmd_lightning.loading import WeightsNotFoundError, load_pretrained
-from dmd_lightning.rng import batch_seed
+from dmd_lightning.rng import steps_seed
 from dmd_lightning.schedule import VPSchedule
 
 
@@ -56,5 +56,5 @@ class ExportedGenerator(LightningModule):
 
     @torch.no_grad()
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        seed = batch_seed(self, batch_idx)  # as DMDModule
-        return {"x": sample(self.generator, batch["z"], batch.get("cond"), seed), **batch}
+        return {"x": sample(self.generator, batch["z"], batch.get("cond"), *steps_seed(self, batch, batch_idx)),
+                **batch}  # as DMDModule

@@ -158,7 +158,7 @@ class LatentPairDataset(PairDataset):
 
 class _ValBatches(Dataset):
     """Batch k of the fixed validation set: noise seeded per item (rng.stream_seed), the embeddings and texts of its
-    prompts."""
+    prompts, and the seed (for a multi-step generator's noise between steps, rng.steps_seed)."""
 
     def __init__(self, prompts: list[str], embeddings: Tensor, shape: list[int], size: int, batch_size: int,
                  seed: int):
@@ -173,7 +173,7 @@ class _ValBatches(Dataset):
         index = torch.tensor(list(items)) % len(self.prompts)
         return {"z": torch.stack([torch.randn(self.shape, generator=torch.Generator().manual_seed(
                      stream_seed("eval", self.seed, i))) for i in items]),
-                "cond": self.embeddings[index].float(), "prompt_index": index,
+                "cond": self.embeddings[index].float(), "prompt_index": index, "seed": torch.tensor(self.seed),
                 "prompt": [self.prompts[i] for i in index.tolist()]}
 
 

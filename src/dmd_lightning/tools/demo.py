@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     def teacher_sample(b):
         return sample_ode(teacher, b["z"], make_scheduler(a.sampler, teacher.schedule.config), a.steps, b.get("cond"))
 
-    b0 = {k: v[:100] for k, v in batches[0].items()}  # timing batch: 100 images, same noise for both
+    b0 = {k: v[:100] for k, v in batches[0].items() if v.ndim}  # timing batch: 100 images, same noise for both
     t_teacher = median_time(lambda: teacher_sample(b0), repeat=1)
     t_gen = model.generator.timestep  # the generator's initialization: the teacher at its timestep
     teacher_one_step = OneStepGenerator(teacher, t_gen)
@@ -135,7 +135,7 @@ def grid(model, teacher_sample, teacher_one_step, batches, path: Path, n: int = 
     32x32 image shown `zoom` times larger (nearest neighbour: the pixels as they are), 1,350 px wide at 10."""
     from torchvision.utils import save_image
 
-    b = {k: v[:n] for k, v in batches[0].items()}
+    b = {k: v[:n] for k, v in batches[0].items() if v.ndim}  # per sample (not the batch's seed)
     rows = [teacher_sample(b), model.sample(b["z"], b.get("cond")), teacher_one_step(b["z"], b.get("cond"))]
     images = to_uint8(torch.cat(rows)).float().div(255).cpu()
     images = torch.nn.functional.interpolate(images, scale_factor=zoom, mode="nearest")

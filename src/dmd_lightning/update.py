@@ -53,7 +53,7 @@ class GuardedUpdate:
         self._skipped = 0  # check="update": skipped updates since the last flush, on the host
         self._latest: dict[str, Tensor | float] = {}  # what the latest update logs at the next logging iteration
         self._where = ""  # the latest update, in words
-        self._weights: list[Tensor] = []  # what the optimizer steps: the network's (and the GAN head's) parameters
+        self._optimizer: torch.optim.Optimizer | None = None  # steps the network's (and the GAN head's) parameters
 
     def run(self, module, opt, sched, loss: Tensor, terms: dict[str, Tensor], last: bool,
             stats: dict[str, Tensor] | None = None) -> None:
@@ -76,9 +76,9 @@ class GuardedUpdate:
         """Clip, guard and step (the update's last micro-batch); keeps the terms, gradient norm, lr and `stats` for
         the next `flush`."""
         scaler = getattr(module.trainer.precision_plugin, "scaler", None)
+        self._optimizer = opt.optimizer
         # the optimizer's own list: walking the network's modules costs more than a small network's update
-        self._weights = [p for group in opt.optimizer.param_groups for p in group["params"]]
-        params = [p for p in self._weights if p.grad is not None]
+        params = [p for group in opt.optimizer.param_groups for p in group["params"] if p.grad is not None]
         if scaler is not None:  # 16-mixed: clip and check the true gradients, not the loss-scaled ones
             self._poison(module, params)
             scaler.unscale_(opt.optimizer)
@@ -169,7 +169,7 @@ class GuardedUpdate:
         msg = f"non-finite {', '.join(bad)} in the {where}"
         if self.policy.action == "stop":
             raise NonFiniteError(msg)
-        if not all_finite(self._weights):
+        if not all_finite(p for group in self._optimizer.param_groups for p in group["params"]):
             raise NonFiniteError(f"{msg}: the {self.name}'s weights are non-finite, skipping cannot recover")
         self.skips += count
         if self.skips >= self.policy.max_consecutive:

@@ -12,6 +12,7 @@ from dmd_lightning.data.stream import DMDDataModule
 from dmd_lightning.errors import ConfigError
 from dmd_lightning.gan import BottleneckClassifier, gan_classifier_loss, gan_generator_loss, unet_bottleneck
 from dmd_lightning.generator import MultiStepGenerator
+from dmd_lightning.losses import DMLoss
 from dmd_lightning.update import GuardedUpdate
 
 
@@ -30,6 +31,8 @@ def test_classifier_reads_the_fake_scores_bottleneck_and_its_losses_are_non_satu
     torch.testing.assert_close(gan_generator_loss(zero), torch.log(torch.tensor(2.0)))
     torch.testing.assert_close(gan_classifier_loss(torch.full((4,), 20.0), torch.full((4,), -20.0)),
                                torch.tensor(0.0), atol=1e-8, rtol=0)
+    for hidden in (18, 200):  # head widths that 32 or hidden // 4 groups would not divide
+        assert BottleneckClassifier(m.fake_score, hidden)(m.fake_score, x, t, torch.tensor([1, 2, 3])).shape == (3,)
 
 
 def text_unet():
@@ -92,8 +95,11 @@ def test_the_generators_term_reaches_only_the_samples_also_with_gradient_checkpo
     assert grads[0].abs().sum() > 0
 
 
-def test_each_loss_reaches_only_the_networks_it_should(tmp_path, monkeypatch):
-    m = dmd2()
+@pytest.mark.parametrize("dm_loss, dm_terms", [(DMLoss(), ["dm"]), (DMLoss(weight=0.0), []),
+                                                (DMLoss(use_fake_score=False), ["dm"])])
+def test_each_loss_reaches_only_the_networks_it_should(tmp_path, monkeypatch, dm_loss, dm_terms):
+    """Also in the GAN-only and real-score-only ablations, where the classifier and its fake score still train."""
+    m = dmd2(dm_loss=dm_loss)
     seen = []
     original = GuardedUpdate.run
 
@@ -107,7 +113,7 @@ def test_each_loss_reaches_only_the_networks_it_should(tmp_path, monkeypatch):
 
     monkeypatch.setattr(GuardedUpdate, "run", record)
     fit_images(m, tmp_path, max_steps=3)  # iteration 1: generator + fake score; iteration 2: fake score only
-    assert seen == [("generator", ["dm", "gan"]), ("fake_score", ["classifier", "denoising"]),
+    assert seen == [("generator", [*dm_terms, "gan"]), ("fake_score", ["classifier", "denoising"]),
                     ("fake_score", ["classifier", "denoising"])]
 
 
@@ -246,3 +252,8 @@ def test_the_gan_without_real_images_is_refused(tmp_path):
                       accelerator="cpu", default_root_dir=tmp_path)
     with pytest.raises(ConfigError, match="needs real images"):
         trainer.fit(dmd2(), datamodule=DMDDataModule(str(pairs), batch_size=2, pair_batch_size=2))
+    trainer = Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      accelerator="cpu", default_root_dir=tmp_path)
+    no_real = torch.utils.data.DataLoader([{"z": torch.randn(1, 16, 16), "cond": torch.tensor(0)}] * 2, batch_size=2)
+    with pytest.raises(ConfigError, match="real images in every training batch"):  # data given without a data module
+        trainer.fit(dmd2(), train_dataloaders=no_real)

@@ -17,6 +17,19 @@ def test_alphas_cumprod_match_diffusers(beta_schedule, start, end):
     torch.testing.assert_close(alpha**2 + sigma**2, torch.ones(4))
 
 
+@pytest.mark.parametrize("zero_snr", [False, True])
+@pytest.mark.parametrize("beta_schedule,start,end", [("linear", 1e-4, 0.02), ("scaled_linear", 0.00085, 0.012)])
+def test_add_noise_matches_diffusers_at_every_integer_timestep(beta_schedule, start, end, zero_snr):
+    kw = dict(beta_schedule=beta_schedule, beta_start=start, beta_end=end, rescale_betas_zero_snr=zero_snr)
+    ref = DDPMScheduler(**kw, prediction_type="v_prediction")
+    ours = VPSchedule(**kw, prediction_type="v_prediction")
+    t = torch.arange(ours.T)  # near T-1 of the zero-SNR schedule alpha_t is 1e-4 and less: no floor may stand in
+    x0, eps = torch.randn(ours.T, 3), torch.randn(ours.T, 3)
+    torch.testing.assert_close(ours.add_noise(x0, eps, t), ref.add_noise(x0, eps, t), rtol=1e-5, atol=1e-5)
+    alpha, _ = ours.alpha_sigma(t)
+    torch.testing.assert_close(alpha, ref.alphas_cumprod.float().sqrt(), rtol=1e-4, atol=1e-9)
+
+
 def test_unknown_schedule_and_prediction_type_are_refused():
     with pytest.raises(ValueError, match="beta_schedule"):
         VPSchedule(beta_schedule="cosine")

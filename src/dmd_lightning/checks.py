@@ -98,6 +98,15 @@ def check_data(teacher: Denoiser, datamodule, gan: bool = False) -> None:
                           "(dmd_lightning.fmnist.data.FashionMNISTImages; for SD, dmd_lightning.sd.real.RealLatents)")
 
 
+def real_images(batch: dict):
+    """The batch's real images for the GAN classifier; a ConfigError for data without them (a DataLoader given to
+    `fit` directly, which check_data cannot see)."""
+    if "real_x" not in batch:
+        raise ConfigError("the GAN (gan: ...) needs real images in every training batch (key 'real_x'); use "
+                          "DMDDataModule(real_images=...) or add them to your data")
+    return batch["real_x"]
+
+
 def check_labels(teacher: Denoiser, num_classes: int | None) -> None:
     """ConfigError when the data's labels 0..num_classes-1 reach the teacher's null label (classifier-free
     guidance's "no label") or beyond its class embedding."""

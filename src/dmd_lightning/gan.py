@@ -1,5 +1,6 @@
 """DMD2's GAN (Yin et al. 2024b, Sec. 4.3): a classifier on the fake score's bottleneck features tells real
-images from generator samples, both noised at the same t; its gradient also trains the fake-score backbone.
+images from generator samples, each noised at a t of its own from the fake score's range (as the official code
+draws them); its gradient also trains the fake-score backbone.
 
 The features are the fake-score UNet's middle-block output at (x_t, t), computed by the UNet's own encoder half
 (`unet_bottleneck`), so the fake score needs no second network and the decoder half is never run. The losses are the
@@ -9,6 +10,7 @@ softplus(-D(real)).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +38,7 @@ class BottleneckClassifier(nn.Module):
         channels = unet.config["block_out_channels"][-1]
         hidden = hidden or channels
         self.head = nn.Sequential(nn.Conv2d(channels, hidden, 3, stride=2, padding=1),
-                                  nn.GroupNorm(min(32, hidden // 4) or 1, hidden), nn.SiLU(),
+                                  nn.GroupNorm(math.gcd(min(32, hidden // 4) or 1, hidden), hidden), nn.SiLU(),
                                   nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(hidden, 1))
 
     def forward(self, denoiser: Denoiser, x_t: Tensor, t: Tensor, cond=None) -> Tensor:

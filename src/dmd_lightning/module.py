@@ -9,7 +9,14 @@ import torch
 from lightning import LightningModule
 from torch import Tensor, nn
 
-from dmd_lightning.checks import check_data, check_dmd_arguments, check_per_step, check_regression, warn_error_gain
+from dmd_lightning.checks import (
+    check_data,
+    check_dmd_arguments,
+    check_per_step,
+    check_regression,
+    real_images,
+    warn_error_gain,
+)
 from dmd_lightning.denoisers import Denoiser
 from dmd_lightning.ema import EMA
 from dmd_lightning.gan import BottleneckClassifier, GANLoss, gan_classifier_loss, gan_generator_loss
@@ -135,7 +142,9 @@ class DMDModule(LightningModule):
     # -------------------------------------------------------------------------------------------- training
     @property
     def trains_fake_score(self) -> bool:
-        return self.dm_loss.use_fake_score and self.dm_loss.weight > 0
+        """Whether the fake score (and the GAN classifier on it) has updates: when the DM loss reads it, and with a
+        GAN whatever the DM loss does (DMD2's GAN-only ablation still trains both)."""
+        return (self.dm_loss.use_fake_score and self.dm_loss.weight > 0) or self.gan is not None
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         if self.compilation is not None:
@@ -182,8 +191,8 @@ class DMDModule(LightningModule):
         if self.trains_fake_score:
             t, eps = self._draw(x, fake.schedule, self.fake_loss.t_range)
             terms = {"denoising": self.fake_loss(fake, x, cond, t, eps)}
-            if self.gan is not None and "real_x" in batch:
-                real = self.classifier(fake, *self._noised(fake, batch["real_x"]), batch.get("real_cond"))
+            if self.gan is not None:
+                real = self.classifier(fake, *self._noised(fake, real_images(batch)), batch.get("real_cond"))
                 terms["classifier"] = gan_classifier_loss(real, self.classifier(fake, *self._noised(fake, x), cond))
             loss = terms["denoising"] + (self.gan.classifier_weight * terms["classifier"] if self.gan else 0.0)
             self.updates["fake_score"].run(self, opt_f, sch_f, loss, terms, last)

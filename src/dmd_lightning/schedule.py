@@ -136,10 +136,8 @@ class VPSchedule(nn.Module):
             s = self.edm_sigmas[lo] * (1 - frac) + self.edm_sigmas[lo + 1] * frac
             alpha = (1 + s**2).rsqrt()
             return alpha, s * alpha
-        s = self.edm_sigmas[t.long()]
-        alpha, sigma = (1 + s**2).rsqrt(), s * (1 + s**2).rsqrt()
-        pure_noise = self.alphas_cumprod[t.long()] == 0  # zero terminal SNR: exactly (0, 1), not the 2**-24 stand-in
-        return alpha.masked_fill(pure_noise, 0.0), sigma.masked_fill(pure_noise, 1.0)
+        ac = self.alphas_cumprod[t.long()]  # exact, not the interpolation's 2**-24 floor (zero terminal SNR)
+        return ac.sqrt(), (1 - ac).sqrt()
 
     def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         """Forward process q(x_t | x_0)."""

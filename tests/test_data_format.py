@@ -155,3 +155,16 @@ def test_shards_and_manifest_get_the_usual_file_mode(tmp_path):
     finally:
         os.umask(old)
     assert {oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()} == {oct(0o640)}
+
+
+def test_shards_and_manifest_reach_the_disk_before_their_rename_and_the_rename_after(tmp_path, monkeypatch):
+    """A power loss after a write leaves the old file or the whole new one, never an empty manifest."""
+    from dmd_lightning.data.format import write_manifest
+
+    events, fsync, replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.path.basename(os.readlink(
+        f"/proc/self/fd/{fd}")))) or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("rename", os.path.basename(b))) or replace(a, b))
+    write_manifest(tmp_path, {"num_pairs": 1})
+    assert events == [("fsync", ".manifest.json.tmp-%d" % os.getpid()), ("rename", "manifest.json"),
+                      ("fsync", tmp_path.name)]

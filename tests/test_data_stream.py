@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from dmd_lightning.data.format import PairsError, write_manifest, write_shard
@@ -51,6 +52,22 @@ def test_stream_resumes_at_its_position(tmp_path):
     dm2.load_state_dict({"position": 3})
     resumed = next(iter(dm2.train_dataloader()))
     torch.testing.assert_close(resumed["z"], batches[3]["z"])
+
+
+def test_a_resume_with_another_global_batch_or_seed_warns_and_the_same_global_batch_on_two_devices_does_not(
+        tmp_path, recwarn):
+    from types import SimpleNamespace
+
+    make_pairs(tmp_path / "p")
+    saved = DMDDataModule(str(tmp_path / "p"), batch_size=4, pair_batch_size=2).state_dict()
+    two = DMDDataModule(str(tmp_path / "p"), batch_size=2, pair_batch_size=1)
+    two.trainer = SimpleNamespace(global_rank=1, world_size=2, lightning_module=None)
+    two.load_state_dict(saved)  # 1 x 4 -> 2 x 2: the same global batches
+    assert not recwarn.list
+    for changed, warning in (({"batch_size": 8}, "batch_size 4 -> 8"), ({"seed": 3}, "seed 0 -> 3")):
+        dm = DMDDataModule(str(tmp_path / "p"), **{"batch_size": 4, "pair_batch_size": 2, **changed})
+        with pytest.warns(UserWarning, match=warning):
+            dm.load_state_dict(saved)
 
 
 def test_pairs_of_another_teacher_are_refused(tmp_path):

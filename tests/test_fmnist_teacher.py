@@ -36,6 +36,20 @@ def test_teacher_trains_and_exports_a_loadable_diffusers_folder(tmp_path, kind, 
         torch.testing.assert_close(a, b)
 
 
+def test_the_teachers_ema_moves_once_per_optimizer_step_with_accumulated_batches(monkeypatch):
+    from dmd_lightning.ema import EMA
+
+    x, y = load_fashion_mnist(split="test")
+    data = DataLoader(TensorDataset(to_model_space(x[:48]), y[:48]), batch_size=8)
+    module = TeacherModule(block_out_channels=(16, 16, 32), layers_per_block=1, warmup_steps=1)
+    updates = []
+    monkeypatch.setattr(EMA, "update", lambda self, n: updates.append(n))
+    trainer = Trainer(max_steps=3, accumulate_grad_batches=2, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(module, data)
+    assert updates == [0, 1, 2]  # 6 batches, 3 steps
+
+
 def test_shipped_teacher_draws_the_requested_classes():
     """A real result of the shipped weights: the shipped classifier recognises the teacher's samples."""
     teacher = PretrainedUNetDenoiser(str(ROOT / "weights/fmnist-teacher")).eval()

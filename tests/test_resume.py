@@ -131,3 +131,16 @@ def test_ckpt_path_last_without_an_earlier_run_starts_from_scratch_and_says_so(t
     out = dmd_fit(tmp_path, max_steps=2, resume=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "--ckpt_path last: no earlier checkpoint of this config; starting from scratch" in out.stderr
+
+
+def test_ckpt_path_last_resumes_with_the_checkpoints_settings_as_an_explicit_path_does(tmp_path):
+    """A setting given on the command line at the first launch (here ema_decay) holds in the resumed run."""
+    from dmd_lightning.cli import cli
+
+    common = ["--config", str(ROOT / "configs/toy2d.yaml"), "--trainer.default_root_dir", str(tmp_path),
+              "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
+              "--data.init_args.num_pairs", "64", "--data.init_args.sampler_steps", "4"]
+    cli(["fit", *common, "--trainer.max_steps", "2", "--model.init_args.ema_decay", "0.5"])
+    for resume in (str(tmp_path / "checkpoints" / "last.ckpt"), "last"):
+        model = cli(["fit", *common, "--trainer.max_steps", "4", "--ckpt_path", resume]).model
+        assert model.averager.decay == 0.5 and model.hparams.ema_decay == 0.5  # used, and saved in its checkpoints

@@ -58,6 +58,19 @@ def test_prompt_embeddings_are_the_pipelines_and_cached(sd, monkeypatch):
     assert cache.path(PROMPTS[:2]) != cache.path(PROMPTS[:3])
 
 
+def test_a_text_encoder_replaced_in_place_is_not_read_from_the_old_embeddings(tmp_path):
+    (tmp_path / "pipe" / "text_encoder").mkdir(parents=True)
+    weights = tmp_path / "pipe" / "text_encoder" / "model.safetensors"
+    weights.write_bytes(b"old")
+    cache = PromptEmbeddings(str(tmp_path / "pipe"), str(tmp_path / "cache"))
+    before = cache.path(PROMPTS[:2])
+    (tmp_path / "pipe" / "unet").mkdir()
+    (tmp_path / "pipe" / "unet" / "model.safetensors").write_bytes(b"another unet")  # not the text encoder's
+    assert cache.path(PROMPTS[:2]) == before
+    weights.write_bytes(b"new weights")
+    assert cache.path(PROMPTS[:2]) != before
+
+
 def test_sd_denoiser_guides_with_the_empty_prompt(sd, teacher):
     assert teacher.text_conditional and teacher.schedule.beta_schedule == "scaled_linear"
     torch.testing.assert_close(teacher.null_embedding, embed(sd, [""]), atol=2e-3, rtol=2e-3)
@@ -107,7 +120,7 @@ def test_dmd_fit_steps_with_decoded_lpips(sd, teacher, pairs, tmp_path):
     batch = dm.train_batch(torch.Generator().manual_seed(0), 1)
     assert batch["cond"].shape == (2, MAX_LEN, 16) and batch["pair_cond"].shape == (2, MAX_LEN, 16)
     assert torch.equal(batch["z"], dm.train_batch(torch.Generator().manual_seed(0), 1)["z"])  # resumable
-    assert dm.state_dict() == {"position": 2}  # batches that reached training_step, not the prefetched one
+    assert dm.state_dict()["position"] == 2  # batches that reached training_step, not the prefetched one
 
 
 def test_validate_decodes_resizes_and_calls_fidelity_with_local_inception(sd, teacher, pairs, tmp_path, monkeypatch):

@@ -157,6 +157,31 @@ def test_dmd2_fit_with_the_gan_on_real_latents(sd, teacher, tmp_path):
     trainer = quiet_trainer(tmp_path, max_steps=4)
     trainer.fit(module, datamodule=dm)
     metrics = trainer.callback_metrics
-    assert module.iteration == 2 and dm.state_dict() == {"position": 2}
+    assert module.iteration == 2 and dm.state_dict()["position"] == 2
     assert torch.isfinite(metrics["generator/loss_gan"]) and torch.isfinite(metrics["fake_score/loss_classifier"])
     assert any(not torch.equal(a, b) for a, b in zip(head, module.classifier.parameters()))  # the head trained
+
+
+def test_a_missing_caption_is_the_empty_prompt_not_the_text_none(tmp_path):
+    from dmd_lightning.sd.real import folder_items
+
+    rows = [{"file_name": "a.png", "text": None}, {"file_name": "b.png", "text": " a dog "}]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert [caption for _, caption in folder_items(tmp_path)] == ["", "a dog"]
+
+
+def test_photos_are_read_upright_by_their_exif_orientation(tmp_path):
+    from dmd_lightning.sd.eval import ImageFolderDataset
+    from dmd_lightning.sd.real import load_image
+
+    pixels = np.zeros((8, 16, 3), np.uint8)
+    pixels[:, :8] = 255  # a landscape picture, white on the left
+    stored = Image.fromarray(pixels).transpose(Image.Transpose.ROTATE_90)  # stored sideways, as a camera does
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to view
+    (tmp_path / "photo").mkdir()
+    (tmp_path / "upright").mkdir()
+    stored.save(tmp_path / "photo" / "a.png", exif=exif)
+    Image.fromarray(pixels).save(tmp_path / "upright" / "a.png")
+    assert torch.equal(load_image(tmp_path / "photo" / "a.png", 8), load_image(tmp_path / "upright" / "a.png", 8))
+    assert torch.equal(ImageFolderDataset(tmp_path / "photo", 8)[0], ImageFolderDataset(tmp_path / "upright", 8)[0])

@@ -53,3 +53,18 @@ def test_a_sharded_checkpoint_folder_gives_its_hyper_parameters_from_its_skeleto
     shards = list((tmp_path / "folder.ckpt").glob("*.safetensors"))
     assert len(loads) == len(shards)  # the trainer's load of the weights; the hyper-parameters' read took none
 
+
+
+def test_another_accumulation_resumes_at_the_same_update_and_says_so(tmp_path):
+    import pytest
+    from conftest import fit, toy_module
+
+    trained = toy_module(optim={"accumulate": 2})
+    trainer = fit(trained, max_steps=6, tmp_path=tmp_path)  # 3 updates of both networks, 6 batches
+    trainer.save_checkpoint(tmp_path / "acc2.ckpt")
+    checkpoint = torch.load(tmp_path / "acc2.ckpt", weights_only=True)
+    assert checkpoint["dmd_iteration"] == 6 and checkpoint["dmd_accumulate"] == 2
+    resumed = toy_module(optim={"accumulate": 4})
+    with pytest.warns(UserWarning, match="accumulate 4 where the checkpoint has 2"):
+        resumed.on_load_checkpoint(checkpoint)
+    assert resumed.iteration == 12 and not resumed.mid_update  # update 3, at its boundary

@@ -88,24 +88,40 @@ class DMDCLI(LightningCLI):
         return {**LightningCLI.subcommands(), "pairs": {"model", "datamodule"},
                 "export": {"model", "datamodule"}}
 
-    def _parse_ckpt_path(self) -> None:
+    def instantiate_classes(self) -> None:
+        """Lightning's, then `--ckpt_path last` resolved, now that the trainer says where the config's runs are: the
+        checkpoint's settings replace the config's as for an explicit path (Lightning reads them before anything is
+        built, when `last` names no file yet), and the classes are built again if they differ."""
+        super().instantiate_classes()
+        subcommand = self.config.get("subcommand")
+        if not subcommand or self.config[subcommand].get("ckpt_path") != "last":
+            return
+        path = find_last_checkpoint(self.trainer)
+        if path is not None and self._parse_ckpt_path(path):
+            vars(self).pop("config_dump", None)  # Lightning's cached dump gives the module its hparams: the new ones
+            super().instantiate_classes()
+
+    def _parse_ckpt_path(self, path: str | None = None) -> bool:
         """Lightning's CLI reads a checkpoint's hyper-parameters into the config, so that a resumed run or an
         evaluation uses the settings it was trained with; here the file is read safely first (CheckpointError
         naming it otherwise) and only the keys the configured model takes are copied. An override of Lightning's
         private method, kept on purpose: Lightning's own reads the whole checkpoint into memory for its
         hyper-parameters (tens of GB at SD1.5 scale), this one memory-maps a file and reads a sharded folder's
-        skeleton alone."""
+        skeleton alone. Whether a setting changed."""
         subcommand = self.config.get("subcommand")
-        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        path = path or (self.config[subcommand].get("ckpt_path") if subcommand else None)
         if not path or not os.path.exists(path):  # a file, or a ShardedCheckpointIO folder
-            return
+            return False
         init_args = self.config[subcommand].get("model", {}).get("init_args")
         if init_args is None:
-            return
+            return False
         hparams = upgrade_hparams(load_checkpoint_file(path, tensors=False).get("hyper_parameters") or {}, init_args)
+        changed = False
         for key, value in hparams.items():
             if key in init_args and not key.startswith("_"):
+                changed |= _plain(init_args[key]) != _plain(value)
                 init_args[key] = value
+        return changed
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         section = self.config_init[self.subcommand] if self.subcommand else self.config_init  # run=False: unkeyed
@@ -157,6 +173,14 @@ class DMDCLI(LightningCLI):
 
         generator_unet(getattr(self.model, "generator_ema", None))  # a model that cannot be exported is refused first
         self.resolve_ckpt_path()
+
+
+def _plain(value):
+    """A config value as plain data, to compare: namespaces as dicts, tuples as lists."""
+    value = value.as_dict() if hasattr(value, "as_dict") else value
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def cli(args=None, run: bool = True) -> DMDCLI:

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from dmd_lightning.images import to_uint8
-from dmd_lightning.rng import batch_seed
+from dmd_lightning.rng import batch_seed, repeated_batch
 
 
 class SampleWriter(BasePredictionWriter):
@@ -42,6 +42,8 @@ class SampleWriter(BasePredictionWriter):
         return decode_latents(self._vae, x)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        if repeated_batch(pl_module, batch_idx):  # DistributedSampler's padding: written by another rank
+            return
         images = to_uint8(self.to_images(prediction["x"])).permute(0, 2, 3, 1).cpu().numpy()
         cond = prediction.get("cond")  # class labels, or a text-conditional teacher's prompt embeddings
         labels = cond.cpu().numpy() if torch.is_tensor(cond) and cond.ndim == 1 else None
@@ -55,12 +57,14 @@ class SampleWriter(BasePredictionWriter):
         from PIL import Image
 
         self.out.mkdir(parents=True, exist_ok=True)
-        start = batch_seed(pl_module, batch_idx) * len(images)  # the batch's global index
+        index = prediction.get("index")  # each sample's index in the data; else (a user's data) batch by batch
+        index = index.tolist() if torch.is_tensor(index) else [batch_seed(pl_module, batch_idx) * len(images) + i
+                                                                for i in range(len(images))]
         for i, img in enumerate(images):
             label = f"_{int(labels[i])}" if labels is not None else ""
-            Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(self.out / f"{start + i:06d}{label}.png")
+            Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(self.out / f"{index[i]:06d}{label}.png")
             if prompts:
-                (self.out / f"{start + i:06d}.txt").write_text(prompts[i] + "\n")
+                (self.out / f"{index[i]:06d}.txt").write_text(prompts[i] + "\n")
 
     def on_predict_epoch_end(self, trainer, pl_module) -> None:
         if self.out.suffix != ".npz" or not self.images:

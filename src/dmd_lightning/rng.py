@@ -15,7 +15,7 @@ def rng_states() -> dict:
     """torch, CUDA, numpy and python RNG states, as tensors and plain types (loadable with weights_only=True)."""
     _, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else [],  # this rank's device
             "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
             "python": random.getstate()}
 
@@ -52,21 +52,25 @@ def steps_seed(module, batch: dict, batch_idx: int) -> tuple[int, int]:
 
 
 def repeated_batch(module, batch_idx: int) -> bool:
-    """Whether this rank's validation or test batch `batch_idx` repeats an earlier one: DistributedSampler gives
-    every rank as many batches by dealing the first batches again past the end (global index >= their count).
+    """Whether this rank's validation, test or predict batch `batch_idx` repeats an earlier one: DistributedSampler
+    gives every rank as many batches by dealing the first batches again past the end (global index >= their count).
     Repeats still reach validation_step (every rank takes as many steps) but are not scored, so N ranks score the
     samples of one process."""
+    if rank_world(module)[1] == 1:
+        return False
     trainer = module.trainer
-    loader = trainer.test_dataloaders if trainer.testing else trainer.val_dataloaders
-    if trainer.world_size == 1 or not hasattr(getattr(loader, "dataset", None), "__len__"):
-        return False  # one process, or loaders this module did not make (several, or iterable: no padding)
+    loader = (trainer.predict_dataloaders if trainer.predicting else trainer.test_dataloaders if trainer.testing
+              else trainer.val_dataloaders)
+    if not hasattr(getattr(loader, "dataset", None), "__len__"):
+        return False  # loaders this module did not make (several, or iterable: no padding)
     return batch_seed(module, batch_idx) >= len(loader.dataset)
 
 
 def set_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if states["cuda"] and torch.cuda.is_available():  # onto this rank's device; older checkpoints: one per device
+        cuda = states["cuda"]
+        torch.cuda.set_rng_state(cuda[min(torch.cuda.current_device(), len(cuda) - 1)] if len(cuda) > 1 else cuda[0])
     keys, pos, has_gauss, gauss = states["numpy"]
     np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     version, internal, gauss_next = states["python"]

@@ -9,6 +9,8 @@ networks that never train (teacher, regression and evaluation networks; at SD1.5
 
 from __future__ import annotations
 
+import warnings
+
 from dmd_lightning.checkpoint import load_checkpoint_file
 from dmd_lightning.checks import check_same_model, is_finite_module
 from dmd_lightning.errors import CheckpointError, NonFiniteError
@@ -36,6 +38,7 @@ def save_state(module, checkpoint: dict) -> None:
     for k in untrained_keys(module):
         checkpoint["state_dict"].pop(k, None)
     checkpoint["dmd_iteration"] = module.iteration
+    checkpoint["dmd_accumulate"] = module.optim.accumulate
     checkpoint["dmd_rng"] = {"global": rng_states(), "noise": module.noise.state()}
 
 
@@ -49,6 +52,12 @@ def load_state(module, checkpoint: dict) -> dict | None:
         state.setdefault(k, own[k])
     check_same_model(own, state)
     module.iteration = int(checkpoint.get("dmd_iteration", 0))
+    accumulate = int(checkpoint.get("dmd_accumulate", module.optim.accumulate))
+    if accumulate != module.optim.accumulate:  # the same number of updates, in batches of the new accumulation
+        warnings.warn(f"resuming with optim.accumulate {module.optim.accumulate} where the checkpoint has "
+                      f"{accumulate}: training continues from the same update, on other batches than the "
+                      "uninterrupted run's")
+        module.iteration = module.iteration // accumulate * module.optim.accumulate
     rng = checkpoint.get("dmd_rng")
     return rng if rng is not None and rng["noise"] is not None else None
 

@@ -16,7 +16,9 @@ agree on it every `log_every_n_steps` batches, within that many; during a valida
 and `Stopped` is raised, which `dmd` reports in one line with exit code 128 + the signal's number, so that a
 scheduler requeues the job. A second Ctrl-C interrupts at once. With gradient accumulation both this stop and any
 other asked inside an update (max_time, another callback) wait for the update's last micro-batch: accumulated
-gradients are not in checkpoints, so only an update boundary resumes exactly.
+gradients are not in checkpoints, so only an update boundary resumes exactly. For the same reason no checkpoint is
+saved inside an update (a timed save waits for its end; one at an epoch's end is left out with a warning), and
+`val_check_interval` must be a multiple of `optim.accumulate`.
 
 `find_last_checkpoint` is what `dmd fit --ckpt_path last` resumes: the newest `last.ckpt` of the run's
 checkpoint folder, its logger's `version_*` folders or its `default_root_dir`, not only of the new version's
@@ -33,7 +35,9 @@ import threading
 import warnings
 
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_warn
 
+from dmd_lightning.errors import ConfigError
 from dmd_lightning.perf import sync_every
 
 _POST_STEP_WARNING = "Using ModelCheckpoint with manual optimization and every_n_train_steps"
@@ -67,6 +71,7 @@ class ModelCheckpoint(LightningModelCheckpoint):
         self._agreed = False
 
     def on_train_start(self, trainer, pl_module) -> None:
+        check_validation_at_updates(trainer, pl_module)
         # here, after Lightning installs its own SIGTERM handler (which would end the run at once, before an
         # accumulating module reaches its update boundary), so that the signals are this callback's alone
         if self.stop_on_signal and threading.current_thread() is threading.main_thread():
@@ -123,7 +128,10 @@ class ModelCheckpoint(LightningModelCheckpoint):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_POST_STEP_WARNING)
-            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            # not inside an update: e.g. a resumed run's first micro-batch, at the global step of the checkpoint it
+            # resumed (Lightning forgets that it saved there), or a save every train_time_interval
+            if not _inside_update(pl_module):
+                super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         self._save_if_signalled(trainer, batch_idx)
         self._hold_stop_until_update_ends(trainer, pl_module)
 
@@ -136,8 +144,13 @@ class ModelCheckpoint(LightningModelCheckpoint):
         elif self._stop_at_update:
             self._stop_at_update, trainer.should_stop = False, True
 
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if not _inside_update(pl_module, "the epoch ended"):
+            super().on_train_epoch_end(trainer, pl_module)
+
     def on_validation_end(self, trainer, pl_module) -> None:
-        super().on_validation_end(trainer, pl_module)
+        if not _inside_update(pl_module, "validation ended"):
+            super().on_validation_end(trainer, pl_module)
         if trainer.state.fn == "fit" and not trainer.sanity_checking:
             self._save_if_signalled(trainer)
             self._stop_if_saved()
@@ -148,7 +161,7 @@ class ModelCheckpoint(LightningModelCheckpoint):
     def on_train_end(self, trainer, pl_module) -> None:
         # instead of Lightning's, which skips it after any periodic `last` save of this run; saved even at the
         # step of a periodic save, since callbacks' states (the teacher's wall time) change after it
-        if self.save_last and not trainer.fast_dev_run:
+        if self.save_last and not trainer.fast_dev_run and not _inside_update(pl_module, "training ended"):
             trainer.save_checkpoint(self.format_checkpoint_name({}, self.CHECKPOINT_NAME_LAST))
 
     def _save_last(self, trainer) -> str:
@@ -157,6 +170,27 @@ class ModelCheckpoint(LightningModelCheckpoint):
         if self._saved_step != trainer.global_step or not os.path.lexists(path):
             trainer.save_checkpoint(path)
         return path
+
+
+def _inside_update(pl_module, when: str | None = None) -> bool:
+    """Whether an accumulated update is unfinished: its gradients are in no checkpoint, so none is saved then (with
+    `when`, a warning says that none was)."""
+    inside = getattr(pl_module, "mid_update", False)
+    if inside and when:
+        rank_zero_warn(f"{when} inside an accumulated update (optim.accumulate): no checkpoint saved there, since it "
+                       "would not resume exactly; the newest one stays the last")
+    return inside
+
+
+def check_validation_at_updates(trainer, pl_module) -> None:
+    """ConfigError when validation (and the checkpoints saved when it ends) would fall inside an update of
+    `optim.accumulate` batches, whose accumulated gradients no checkpoint holds."""
+    accumulate = getattr(getattr(pl_module, "optim", None), "accumulate", 1)
+    every = getattr(trainer, "val_check_batch", None)
+    if accumulate > 1 and isinstance(every, int) and trainer.limit_val_batches != 0 and every % accumulate:
+        raise ConfigError(f"validation every {every} batches falls inside updates of optim.accumulate={accumulate} "
+                          "batches, where no checkpoint resumes exactly; set trainer.val_check_interval to a "
+                          f"multiple of {accumulate}")
 
 
 _LAST = re.compile(r"^last(-v\d+)?\.ckpt$")

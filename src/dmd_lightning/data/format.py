@@ -69,11 +69,20 @@ def item_label(i: int, num_classes: int) -> int:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary name next to `path`, then rename: readers see the old file or the new one. The file
-    gets the usual mode, 0o666 minus the umask. The name ends in `.tmp-<pid>`: see writer_is_gone."""
+    """Write to a temporary name next to `path`, flush it to disk, then rename (and flush the folder): readers,
+    also after a power loss, see the old file or the new one. The file gets the usual mode, 0o666 minus the umask.
+    The name ends in `.tmp-<pid>`: see writer_is_gone."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def writer_is_gone(tmp: Path) -> bool:

@@ -6,6 +6,7 @@ from typing import Callable, Iterator
 
 import torch
 from lightning import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -58,11 +59,26 @@ class StreamDataModule(LightningDataModule):
             self.position += 1
         return batch
 
+    def layout(self) -> dict:
+        """What batch k of the stream depends on: the seed and the global batch sizes (per device x world size)."""
+        _, world = rank_world(self)
+        sizes = {k: v * world for k, v in self.hparams.items() if k.endswith("batch_size") and not k.startswith("val")}
+        return {"seed": self.hparams.get("seed"), **sizes}
+
     def state_dict(self) -> dict:
-        return {"position": self.position}
+        return {"position": self.position, "layout": self.layout()}
 
     def load_state_dict(self, state: dict) -> None:
+        """The position; a warning when the seed or a global batch size changed since (other devices or batch
+        sizes): the run goes on, but not on the uninterrupted run's batches. The same global batch on another
+        number of devices continues exactly."""
         self.position = int(state.get("position", 0))
+        saved, now = state.get("layout"), self.layout()
+        if saved is not None and saved != now:
+            changed = ", ".join(f"{k} {saved.get(k)} -> {now.get(k)}" for k in sorted({*saved, *now})
+                                if saved.get(k) != now.get(k))
+            rank_zero_warn(f"resuming with other data settings than the checkpoint's (global {changed}): training "
+                           "continues, on other batches than the uninterrupted run's")
 
 
 class RealImages:
@@ -169,12 +185,13 @@ class DMDDataModule(StreamDataModule):
 def noise_batches(shape: tuple[int, ...], size: int, batch_size: int, num_classes: int | None,
                   seed: int) -> list[dict[str, Tensor]]:
     """`size` noise samples of `shape` drawn from `seed`'s evaluation stream (rng.stream_seed: never a training
-    batch's or a pair's noise), in batches {z, cond, seed}, with labels i % num_classes; `seed` (a 0-d tensor) also
-    seeds a multi-step generator's noise between steps (rng.steps_seed)."""
+    batch's or a pair's noise), in batches {z, cond, seed, index}, with labels i % num_classes; `seed` (a 0-d tensor)
+    also seeds a multi-step generator's noise between steps (rng.steps_seed); `index`: each sample's i."""
     z = torch.randn(size, *shape, generator=torch.Generator().manual_seed(stream_seed("eval", seed)))
     out = []
     for start in range(0, size, batch_size):
         b = {"z": z[start:start + batch_size], "seed": torch.tensor(seed)}
+        b["index"] = torch.arange(start, start + len(b["z"]))
         if num_classes is not None:
             b["cond"] = torch.arange(start, start + len(b["z"])) % num_classes
         out.append(b)

@@ -66,6 +66,7 @@ class TeacherModule(LightningModule):
         self.unet = fmnist_unet(num_classes, block_out_channels, layers_per_block)
         self.ema = copy.deepcopy(self.unet).requires_grad_(False).eval()
         self.averager = EMA(self.ema, self.unet, ema_decay)
+        self._averaged = 0  # the global step of the last EMA update
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -81,10 +82,13 @@ class TeacherModule(LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        self.averager.update(self.global_step - 1)  # after the optimizer's step: the updates before it
+        if self.global_step != self._averaged:  # once per optimizer step (accumulate_grad_batches: not per batch)
+            self._averaged = self.global_step
+            self.averager.update(self.global_step - 1)  # after the optimizer's step: the updates before it
 
     def on_train_start(self) -> None:
         self.averager.reset()  # a device move since the last fit replaces buffers
+        self._averaged = self.global_step
         if self.hparams.compile and not getattr(self.unet, "_compiled_call_impl", None):
             self.unet.compile()  # in place: parameter names and the exported state dict stay the same
 

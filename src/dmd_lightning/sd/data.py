@@ -23,7 +23,7 @@ from dmd_lightning.data.stream import StreamDataModule
 from dmd_lightning.errors import ConfigError
 from dmd_lightning.rng import rank_world, stream_seed
 from dmd_lightning.sd.model import PromptEmbeddings, load_text_encoder, tokenize
-from dmd_lightning.sd.real import RealLatents
+from dmd_lightning.sd.real import RealLatents, caption_text
 
 PROMPTS = "prompts.json"
 PROMPT_COLUMNS = ("prompt", "caption", "text")
@@ -60,7 +60,7 @@ def _read_prompts(path: Path) -> list[str]:
     column = next((c for c in PROMPT_COLUMNS if c in columns), None)
     if column is None:
         raise ConfigError(f"{path} has no prompt column: expected one of {PROMPT_COLUMNS}, found {columns}")
-    return [str(r[column]).strip() for r in rows]
+    return [caption_text(r[column]) for r in rows]
 
 
 def prompts_digest(prompts: list[str]) -> str:
@@ -158,7 +158,7 @@ class LatentPairDataset(PairDataset):
 
 class _ValBatches(Dataset):
     """Batch k of the fixed validation set: noise seeded per item (rng.stream_seed), the embeddings and texts of its
-    prompts, and the seed (for a multi-step generator's noise between steps, rng.steps_seed)."""
+    prompts, the seed (for a multi-step generator's noise between steps, rng.steps_seed) and the items' indices."""
 
     def __init__(self, prompts: list[str], embeddings: Tensor, shape: list[int], size: int, batch_size: int,
                  seed: int):
@@ -174,6 +174,7 @@ class _ValBatches(Dataset):
         return {"z": torch.stack([torch.randn(self.shape, generator=torch.Generator().manual_seed(
                      stream_seed("eval", self.seed, i))) for i in items]),
                 "cond": self.embeddings[index].float(), "prompt_index": index, "seed": torch.tensor(self.seed),
+                "index": torch.tensor(list(items)),
                 "prompt": [self.prompts[i] for i in index.tolist()]}
 
 

@@ -3,7 +3,9 @@
 The COCO-30k protocol of DMD (Sec. 5.2, following GigaGAN): generated and reference images are resized to 256
 with Lanczos (PIL) before Inception features are taken; Inception comes from a local weights file through
 torch-fidelity's `inception-v3-compat` extractor. CLIP score is 100 * max(cos(image, text), 0) averaged, with
-a transformers CLIPModel from a local folder.
+a transformers CLIPModel from a local folder. Close to, not the same as, the DMD2 code's evaluation
+(main/coco_eval): that one takes clean-fid's Inception features, and as CLIP score the mean cosine with each
+caption prefixed by "A photo depicts "; figures from here and from the papers compare with that caveat.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -28,6 +30,12 @@ from dmd_lightning.sd.model import decode_latents, load_vae
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalization
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def upright_rgb(image: Image.Image) -> Image.Image:
+    """RGB pixels as the image is meant to be seen: a photo's EXIF orientation applied (a camera's portrait shot is
+    stored sideways)."""
+    return ImageOps.exif_transpose(image).convert("RGB")
 
 
 def resize_pil(image: Image.Image, size: int) -> Image.Image:
@@ -62,7 +70,7 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, i: int) -> Tensor:
         with Image.open(self.paths[i]) as image:
-            return torch.from_numpy(np.asarray(resize_pil(image.convert("RGB"), self.size))).permute(2, 0, 1)
+            return torch.from_numpy(np.asarray(resize_pil(upright_rgb(image), self.size))).permute(2, 0, 1)
 
 
 @torch.no_grad()

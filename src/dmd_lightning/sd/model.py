@@ -63,11 +63,23 @@ def _mmap_safetensors(path: Path, key: str) -> Tensor:
         return torch.from_numpy(array)
 
 
+def local_files(path: str) -> list:
+    """[name, size, modification time] of each file of a local text encoder and tokenizer (a pipeline folder's
+    text_encoder/ and tokenizer/, or the folder itself); [] for a hub id."""
+    root = Path(path)
+    if not root.is_dir():
+        return []
+    folders = [root / sub for sub in ("text_encoder", "tokenizer") if (root / sub).is_dir()] or [root]
+    files = sorted(p for folder in folders for p in folder.rglob("*") if p.is_file())
+    return [[str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
 class PromptEmbeddings:
     """Text-encoder outputs of a list of prompts, computed once and stored in `cache_dir`.
 
     The file `prompt-embeddings-<digest>.safetensors` is keyed by a sha256 of the prompts, the text encoder's
-    path and the storage dtype, so a changed prompt list or encoder never reads stale embeddings. `load`
+    path (and for a local folder its files' names, sizes and modification times) and the storage dtype, so a
+    changed prompt list or encoder, also one replaced in place, never reads stale embeddings. `load`
     returns a memory-mapped (N, L, D) tensor (float16: 77 x 768 x 2 bytes = 118 KB per SD1.5 prompt).
     """
 
@@ -77,7 +89,8 @@ class PromptEmbeddings:
         self.batch_size, self.dtype = batch_size, dtype
 
     def path(self, prompts: list[str]) -> Path:
-        h = hashlib.sha256(json.dumps([self.text_encoder, self.dtype, list(prompts)]).encode()).hexdigest()[:16]
+        key = [self.text_encoder, self.dtype, list(prompts), local_files(self.text_encoder)]
+        h = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
         return self.cache_dir / f"prompt-embeddings-{h}.safetensors"
 
     def build(self, prompts: list[str], device: torch.device | str | None = None) -> Path:

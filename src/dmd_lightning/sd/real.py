@@ -53,7 +53,7 @@ from dmd_lightning.data.format import (
 from dmd_lightning.data.stream import RealImages
 from dmd_lightning.errors import ConfigError
 from dmd_lightning.loading import load_pretrained
-from dmd_lightning.sd.eval import IMAGE_SUFFIXES, resize_pil
+from dmd_lightning.sd.eval import IMAGE_SUFFIXES, resize_pil, upright_rgb
 from dmd_lightning.sd.model import encode_images, vae_subfolder
 
 METADATA = "metadata.jsonl"
@@ -70,6 +70,12 @@ def _caption_column(columns, where: str) -> str:
     return column
 
 
+def caption_text(value) -> str:
+    """A caption or prompt cell as text; a missing one (JSON or parquet null) is the empty, unconditional prompt,
+    not the text "None"."""
+    return "" if value is None else str(value).strip()
+
+
 def folder_items(folder: Path) -> list[tuple[Path, str]]:
     """(image path, caption) of each image of a folder: metadata.jsonl's order, else sorted by name."""
     meta = folder / METADATA
@@ -77,7 +83,7 @@ def folder_items(folder: Path) -> list[tuple[Path, str]]:
         rows = [json.loads(line) for line in meta.read_text(encoding="utf-8").splitlines() if line.strip()]
         if any("file_name" not in r for r in rows):
             raise ConfigError(f"{meta}: every line needs a file_name")
-        return [(folder / r["file_name"], str(r[_caption_column(r, str(meta))]).strip()) for r in rows]
+        return [(folder / r["file_name"], caption_text(r[_caption_column(r, str(meta))])) for r in rows]
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     missing = [p.with_suffix(".txt") for p in paths if not p.with_suffix(".txt").is_file()]
     if missing:
@@ -102,7 +108,7 @@ def parquet_items(path: Path) -> Iterator[tuple[bytes, str]]:
     for batch in f.iter_batches(batch_size=256, columns=[image, caption]):
         for row in batch.to_pylist():
             data = row[image]
-            yield (data["bytes"] if isinstance(data, dict) else data), str(row[caption]).strip()
+            yield (data["bytes"] if isinstance(data, dict) else data), caption_text(row[caption])
 
 
 def source_files(source: Path) -> list[Path]:
@@ -134,7 +140,7 @@ def vae_fingerprint(vae: str) -> str | None:
 def load_image(image, resolution: int) -> Tensor:
     """A path or encoded bytes -> (3, resolution, resolution) float in [-1, 1], center-cropped and resized."""
     with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as im:
-        pixels = np.asarray(resize_pil(im.convert("RGB"), resolution))
+        pixels = np.asarray(resize_pil(upright_rgb(im), resolution))
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 127.5 - 1
 
 

@@ -142,3 +142,9 @@ def test_fid_evaluator(weights, tmp_path):
     ev.reset()
     ev.update(torch.rand(400, 1, 32, 32) * 2 - 1, {})
     assert ev.compute()["fid"] > 10 * good["fid"]
+    other = FIDEvaluator(weights, reference_split="test", cache_dir=str(tmp_path), max_reference=400, kid_subsets=5)
+    inverted = 255 - other.reference()
+    other.reference = lambda: inverted  # e.g. another data root under the same split name and size
+    for chunk in x.split(100):
+        other.update(chunk, {})
+    assert other.compute()["fid"] > 10 * good["fid"]  # its own features, not the cached ones of the first

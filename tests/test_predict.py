@@ -1,5 +1,3 @@
-from types import SimpleNamespace
-
 import torch
 from PIL import Image
 
@@ -7,7 +5,7 @@ from dmd_lightning.data.stream import noise_batches
 from dmd_lightning.predict import SampleWriter
 
 
-def test_samples_are_named_by_their_index_also_after_a_short_last_batch_and_padding_is_not_written(tmp_path):
+def test_samples_are_named_by_their_index_also_after_a_short_last_batch(tmp_path):
     batches = noise_batches((1, 4, 4), size=10, batch_size=4, num_classes=3, seed=1)  # batches of 4, 4 and 2
     writer = SampleWriter(str(tmp_path / "one"))
     for k, batch in enumerate(batches):
@@ -16,12 +14,3 @@ def test_samples_are_named_by_their_index_also_after_a_short_last_batch_and_padd
     assert names == [f"{i:06d}_{i % 3}.png" for i in range(10)]
     last = torch.tensor(list(Image.open(tmp_path / "one" / "000009_0.png").getdata()), dtype=torch.float)
     torch.testing.assert_close(last / 127.5 - 1, batches[2]["z"][1].tanh().flatten(), atol=1 / 127.5, rtol=0)
-
-    # two ranks: rank 1's second batch is DistributedSampler's repeat of batch 0 (global index 3 of 3)
-    writer = SampleWriter(str(tmp_path / "two"))
-    trainer = SimpleNamespace(world_size=2, global_rank=1, predicting=True, testing=False,
-                              predict_dataloaders=SimpleNamespace(dataset=batches))
-    module = SimpleNamespace(trainer=trainer)
-    for k, batch in ((0, batches[1]), (1, batches[0])):
-        writer.write_on_batch_end(trainer, module, {"x": batch["z"].tanh(), **batch}, None, batch, k)
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [f"{i:06d}_{i % 3}.png" for i in range(4, 8)]

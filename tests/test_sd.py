@@ -156,6 +156,9 @@ def test_validate_decodes_resizes_and_calls_fidelity_with_local_inception(sd, te
     decoded = to_uint8(decode_latents(evaluator.vae, x))[0].permute(1, 2, 0).numpy()
     expected = torch.from_numpy(np.asarray(Image.fromarray(decoded).resize((256, 256), Image.LANCZOS)))
     assert torch.equal(evaluator.samples[0][0].permute(1, 2, 0), expected)
+    name = evaluator.metric_kwargs()["reference_name"]  # the reference's features are cached under this name
+    Image.fromarray((torch.rand(200, 200, 3) * 255).byte().numpy()).save(refs / "1.png")  # replaced in place
+    assert evaluator.metric_kwargs()["reference_name"] != name
 
 
 def exported(module, tmp_path):

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from dmd_lightning.images import to_uint8
-from dmd_lightning.rng import batch_seed, repeated_batch
+from dmd_lightning.rng import batch_seed
 
 
 class SampleWriter(BasePredictionWriter):
@@ -42,8 +42,6 @@ class SampleWriter(BasePredictionWriter):
         return decode_latents(self._vae, x)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        if repeated_batch(pl_module, batch_idx):  # DistributedSampler's padding: written by another rank
-            return
         images = to_uint8(self.to_images(prediction["x"])).permute(0, 2, 3, 1).cpu().numpy()
         cond = prediction.get("cond")  # class labels, or a text-conditional teacher's prompt embeddings
         labels = cond.cpu().numpy() if torch.is_tensor(cond) and cond.ndim == 1 else None

@@ -52,15 +52,14 @@ def steps_seed(module, batch: dict, batch_idx: int) -> tuple[int, int]:
 
 
 def repeated_batch(module, batch_idx: int) -> bool:
-    """Whether this rank's validation, test or predict batch `batch_idx` repeats an earlier one: DistributedSampler
-    gives every rank as many batches by dealing the first batches again past the end (global index >= their count).
+    """Whether this rank's validation or test batch `batch_idx` repeats an earlier one: DistributedSampler gives
+    every rank as many batches by dealing the first batches again past the end (global index >= their count).
     Repeats still reach validation_step (every rank takes as many steps) but are not scored, so N ranks score the
     samples of one process."""
     if rank_world(module)[1] == 1:
         return False
     trainer = module.trainer
-    loader = (trainer.predict_dataloaders if trainer.predicting else trainer.test_dataloaders if trainer.testing
-              else trainer.val_dataloaders)
+    loader = trainer.test_dataloaders if trainer.testing else trainer.val_dataloaders
     if not hasattr(getattr(loader, "dataset", None), "__len__"):
         return False  # loaders this module did not make (several, or iterable: no padding)
     return batch_seed(module, batch_idx) >= len(loader.dataset)

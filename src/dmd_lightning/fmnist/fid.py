@@ -4,6 +4,8 @@ against a Fashion-MNIST split zero-padded to 32x32 like the model's images."""
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -77,7 +79,7 @@ class FIDEvaluator(Evaluator):
     rank computes the same metrics from the same gathered set (so `log(..., sync_dist=True)` averages equal
     values); the batches DistributedSampler repeats never reach update(). The extractor runs on CUDA when available.
     The reference split is zero-padded to 32x32 like the model's images and featurised only on the first
-    compute() for a given (split, max_reference, weights file); later ones load its features from `cache_dir`."""
+    compute() for given reference images and weights file; later ones load its features from `cache_dir`."""
 
     def __init__(self, weights_path: str, data_root: str = DEFAULT_ROOT, reference_split: str = "test",
                  extractor: str = FMNIST_EXTRACTOR, cache_dir: str = "runs/fid_cache", kid: bool = True,
@@ -89,9 +91,11 @@ class FIDEvaluator(Evaluator):
         self.kid_subsets, self.kid_subset_size, self.batch_size = kid_subsets, kid_subset_size, batch_size
         self.samples: list[Tensor] = []  # a plain list, so it stays out of state_dict
 
-    @property
-    def reference_name(self) -> str:
-        return f"fmnist-{self.reference_split}-{self.max_reference or 'all'}"
+    def reference_name(self, reference: Tensor) -> str:
+        """The reference's cache name: its split and size, and a digest of its images (another data root, or files
+        or padding changed in place, never reads stale features)."""
+        digest = hashlib.sha256(reference.numpy().tobytes()).hexdigest()[:12]
+        return f"fmnist-{self.reference_split}-{self.max_reference or 'all'}-{digest}"
 
     def reference(self) -> Tensor:
         """uint8 (M, 1, 32, 32): the split's first `max_reference` images, padded as `to_model_space`."""
@@ -109,8 +113,9 @@ class FIDEvaluator(Evaluator):
         samples = gather_samples(local)
         if len(samples) < 2:
             return {}
-        m = compute_metrics(samples, self.reference(), self.extractor, weights_path=self.weights_path,
-                            cache_dir=self.cache_dir, reference_name=self.reference_name, kid=self.kid,
+        reference = self.reference()
+        m = compute_metrics(samples, reference, self.extractor, weights_path=self.weights_path,
+                            cache_dir=self.cache_dir, reference_name=self.reference_name(reference), kid=self.kid,
                             kid_subsets=self.kid_subsets, kid_subset_size=self.kid_subset_size,
                             batch_size=self.batch_size)
         return {"fid": m["fid"], **({"kid": m["kid_mean"]} if self.kid else {})}

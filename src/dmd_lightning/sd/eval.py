@@ -11,6 +11,7 @@ caption prefixed by "A photo depicts "; figures from here and from the papers co
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Literal
@@ -30,6 +31,16 @@ from dmd_lightning.sd.model import decode_latents, load_vae
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalization
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def fingerprint(files: list[Path], root: Path) -> str:
+    """Digest of the names, sizes and modification times of `files`: cheap next to hashing every image, and an
+    edited, added or removed file changes it."""
+    stats = []
+    for p in files:
+        st = p.stat()
+        stats.append([p.name if p == root else str(p.relative_to(root)), st.st_size, st.st_mtime_ns])
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
 
 
 def upright_rgb(image: Image.Image) -> Image.Image:
@@ -116,10 +127,12 @@ class TextToImageEvaluator(Evaluator):
         self.samples: list[Tensor] = []  # plain lists: they stay out of state_dict
         self.scores: list[Tensor] = []
 
-    @property
-    def reference_name(self) -> str:
+    def reference_name(self, reference: ImageFolderDataset) -> str:
+        """The reference's cache name: its folder, resolution and size, and a fingerprint of the images it reads
+        (images replaced, added or removed never read stale features)."""
         where = hashlib.sha256(os.path.abspath(self.reference_dir).encode()).hexdigest()[:8]
-        return f"{Path(self.reference_dir).name}-{where}-{self.resolution}-{self.max_reference or 'all'}"
+        files = fingerprint(reference.paths, Path(self.reference_dir))
+        return f"{Path(self.reference_dir).name}-{where}-{self.resolution}-{self.max_reference or 'all'}-{files}"
 
     def reset(self) -> None:
         self.samples, self.scores = [], []
@@ -135,9 +148,10 @@ class TextToImageEvaluator(Evaluator):
 
     def metric_kwargs(self) -> dict:
         """What compute() passes to fid.compute_metrics besides the samples."""
-        return dict(reference=ImageFolderDataset(self.reference_dir, self.resolution, self.max_reference),
-                    extractor=INCEPTION_EXTRACTOR, weights_path=self.inception_weights, cache_dir=self.cache_dir,
-                    reference_name=self.reference_name, kid=False, batch_size=self.batch_size)
+        reference = ImageFolderDataset(self.reference_dir, self.resolution, self.max_reference)
+        return dict(reference=reference, extractor=INCEPTION_EXTRACTOR, weights_path=self.inception_weights,
+                    cache_dir=self.cache_dir, reference_name=self.reference_name(reference), kid=False,
+                    batch_size=self.batch_size)
 
     def compute(self) -> dict[str, float]:
         empty = torch.zeros(0, 3, self.resolution, self.resolution, dtype=torch.uint8)

@@ -53,7 +53,7 @@ from dmd_lightning.data.format import (
 from dmd_lightning.data.stream import RealImages
 from dmd_lightning.errors import ConfigError
 from dmd_lightning.loading import load_pretrained
-from dmd_lightning.sd.eval import IMAGE_SUFFIXES, resize_pil, upright_rgb
+from dmd_lightning.sd.eval import IMAGE_SUFFIXES, fingerprint, resize_pil, upright_rgb
 from dmd_lightning.sd.model import encode_images, vae_subfolder
 
 METADATA = "metadata.jsonl"
@@ -118,16 +118,6 @@ def source_files(source: Path) -> list[Path]:
     if (source / METADATA).is_file():
         return [source / METADATA] + [p for p, _ in folder_items(source)]
     return [q for p, _ in folder_items(source) for q in (p, p.with_suffix(".txt"))]
-
-
-def fingerprint(files: list[Path], root: Path) -> str:
-    """Digest of the names, sizes and modification times of `files`: cheap next to hashing every image, and an
-    edited, added or removed file changes it."""
-    stats = []
-    for p in files:
-        st = p.stat()
-        stats.append([p.name if p == root else str(p.relative_to(root)), st.st_size, st.st_mtime_ns])
-    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
 
 
 def vae_fingerprint(vae: str) -> str | None:

@@ -115,10 +115,12 @@ def main(argv: list[str] | None = None) -> dict:
     table[f"teacher, one step (x0-prediction at t={t_gen})"] = {**fid_of(x_t1), "nfe": 1}
     for name, r in modules.items():
         m = r.model.to(device).eval()
-        with torch.no_grad():
-            x = torch.cat([m.sample(b["z"], b.get("cond")) for b in batches])
-        t_student = median_time(lambda: m.sample(b0["z"], b0.get("cond")), repeat=3)
-        table[f"student: {name}"] = {**fid_of(x), "nfe": 1, **results[name]}
+        with torch.no_grad():  # a K-step student's noise between steps as in validation: the batch's seed and index
+            x = torch.cat([m.sample(b["z"], b.get("cond"), True, int(b["seed"]), k) for k, b in enumerate(batches)])
+        if name == "DMD (full)":
+            t_student = median_time(lambda: m.sample(b0["z"], b0.get("cond")), repeat=3)
+        nfe = len(getattr(m.generator_ema, "timesteps", [m.generator_ema]))
+        table[f"student: {name}"] = {**fid_of(x), "nfe": nfe, **results[name]}
     n = len(b0["z"])
     table["timing"] = {"teacher_s_per_image": t_teacher / n, "student_s_per_image": t_student / n,
                        "device": str(device), "batch": n}

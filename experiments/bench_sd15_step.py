@@ -6,8 +6,8 @@ DMDModule stepped by Lightning's Trainer: generator forward + backward (DM loss,
 teacher forward x2 (CFG), fake forward, fake-score update. The regression term (LPIPS through the VAE) is not
 included. FLOPs per iteration: counted with torch.utils.flop_counter on the eager run's first iteration
 (perf.Throughput), the same for the compiled one; with gradient checkpointing they include the recomputed
-forward passes (hardware FLOPs, a little above the model's). MFU against the card's dense bf16 peak (Lightning's
-table).
+forward passes (hardware FLOPs, a little above the model's). MFU against the card's dense bf16 peak
+(perf.DENSE_PEAKS). All eager rows run before the compiled ones; a row that fails says so and the others run.
 python experiments/bench_sd15_step.py [--tiny] [--batch-sizes 1 4 8 16] [--no-compile] [--compile-mode reduce-overhead]
     [--no-checkpointing-too]
 """
@@ -76,9 +76,14 @@ def measure(config: dict, batch: int, checkpointing: bool, iterations: int, warm
         torch.cuda.reset_peak_memory_stats()
     try:
         trainer.fit(module, data)
-    except torch.OutOfMemoryError:
+    except Exception as err:  # out of memory, or a compile / CUDA-graph failure: the row says so, the others run
+        failure = "OOM" if isinstance(err, torch.OutOfMemoryError) else "failed"
+        print(f"{failure}: batch {batch}, compiled {compile}: {type(err).__name__}: {str(err).splitlines()[0][:200]}",
+              flush=True)
+        del module, trainer
+        torch.cuda.empty_cache() if gpu else None
         return {"batch": batch, "checkpointing": checkpointing, "compiled": compile, "s_per_iteration": None,
-                "peak_gib": "OOM", "flops": None}
+                "peak_gib": failure, "flops": None}
     times = sorted(timer.times[warmup:])
     peak = torch.cuda.max_memory_allocated() / 2**30 if gpu else float("nan")
     del module, trainer
@@ -116,13 +121,14 @@ def main() -> None:
         rows.append(r)
 
     for ckpt in (True, False) if a.no_checkpointing_too else (True,):  # an out-of-memory without it comes last
-        for b in a.batch_sizes:
-            eager = measure(config, b, ckpt, a.iterations, a.warmup)
-            report(eager, eager)
-            if not a.no_compile:
-                compiled = measure(config, b, ckpt, a.iterations, a.warmup, compile=True, compile_mode=a.compile_mode)
-                compiled["flops"] = eager["flops"]  # the same math (its Throughput is left out: it is not timed)
-                report(compiled, eager)
+        eager = {}
+        for b in a.batch_sizes:  # every eager row first: compiling (minutes, cold) must not cost them their time
+            eager[b] = measure(config, b, ckpt, a.iterations, a.warmup)
+            report(eager[b], eager[b])
+        for b in [] if a.no_compile else a.batch_sizes:
+            compiled = measure(config, b, ckpt, a.iterations, a.warmup, compile=True, compile_mode=a.compile_mode)
+            compiled["flops"] = eager[b]["flops"]  # the same math (its Throughput is left out: it is not timed)
+            report(compiled, eager[b])
     print(json.dumps({"device": device, "rows": rows}))
 
 

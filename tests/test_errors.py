@@ -163,6 +163,8 @@ USER_ERRORS = [
     ("no micro-batches", [TOY, M + "optim.accumulate", "0"], ["accumulate=0"]),
     ("unknown non-finite policy", [TOY, M + "nonfinite.action", "ignore"], ["nonfinite.action='ignore'"]),
     ("unknown compile mode", [TOY, M + "compile", '{"mode": "fastest"}'], ["compile.mode='fastest'"]),
+    ("CUDA graphs with accumulation", [TOY, M + "compile", '{"mode": "reduce-overhead"}', M + "optim.accumulate", "2"],
+     ["compile.mode='reduce-overhead'", "optim.accumulate=2"]),
     ("unknown non-finite check", [TOY, M + "nonfinite.check", "never"], ["nonfinite.check='never'"]),
     ("zero batch", [TOY, D + "batch_size", "0"], ["batch_size=0"]),
     ("negative pair batch", [TOY, D + "pair_batch_size", "-4"], ["pair_batch_size=-4"]),
@@ -230,8 +232,8 @@ OTHER_ERRORS = [
     ("pairs: no pairs", ["pairs", "--config", PAIRS, D + "num_pairs", "0"], ["num_pairs=0"]),
     ("pairs: shape the teacher cannot take", ["pairs", "--config", PAIRS, D + "noise_shape", "[1, 28, 28]"],
      ["(1, 28, 28)", "(1, 32, 32)"]),
-    ("validate: no last checkpoint", ["validate", "--config", TOY, "--ckpt_path", "last"],
-     ["--ckpt_path last", "no last.ckpt"]),
+    ("validate: no last checkpoint", ["validate", "--config", TOY, "--ckpt_path", "last",  # none of runs/ either
+                                      "--trainer.logger.init_args.save_dir", "{tmp}"], ["--ckpt_path last", "no last.ckpt"]),
     ("export: not a checkpoint", ["export", "--config", FMNIST, "--ckpt_path", "{tmp}/notes.txt"], ["notes.txt"]),
     ("export: a generator without a UNet", ["export", "--config", TOY], ["OneStepGenerator", "MLPGenerator"]),
 ]

@@ -21,6 +21,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def memory() -> dict:
+    """The memory row, measured once for the tests that report it (about 20 s on the CPU)."""
+    return bench.bench_memory("tiny", quick=True)
+
+
 @pytest.mark.parametrize("guidance, nfe", [(1.0, 50), (3.0, 100)])
 def test_one_step_counts_evaluations_and_guidance(guidance, nfe):
     case = bench.make_case("tiny-sd", quick=True)
@@ -52,8 +58,8 @@ def test_pairs_against_the_pipeline_loop_with_guidance():
     assert p["max_abs_diff"] < 1e-3
 
 
-def test_memory_and_report(tmp_path):
-    mem = bench.bench_memory("tiny", quick=True)
+def test_memory_and_report(tmp_path, memory):
+    mem = memory
     on, off = mem["with_checkpointing_bytes"], mem["without_checkpointing_bytes"]
     assert isinstance(on, int) and isinstance(off, int)  # peak RSS growth on the CPU: noisy, so no order asserted
     assert mem["ratio"] == on / off if off > 0 else math.isnan(mem["ratio"])
@@ -82,7 +88,7 @@ def test_lora_training_state_counts_adapters_gradients_and_adam_exactly():
     assert sd15["unet"] == "SD1.5 layout" and sd15["full"]["parameters"] > 3e9 and 0.25 < sd15["ratio"] < 0.4
 
 
-def test_compile_row_times_eager_and_compiled_iterations_and_reports_them():
+def test_compile_row_times_eager_and_compiled_iterations_and_reports_them(memory):
     """aot_eager: the graphs are captured (compile=True's path) without generating code, quick on a CPU."""
     case = bench.make_case("tiny", quick=True)
     r = bench.bench_compile(case, repeat=1, warmup=1, backend="aot_eager")
@@ -95,7 +101,7 @@ def test_compile_row_times_eager_and_compiled_iterations_and_reports_them():
                                     "pairs": {"reference": "x", "sampler": "ddim", "batch": 2,
                                               "project_images_per_s": 1.0, "reference_images_per_s": 1.0,
                                               "ratio": 1.0, "met": True, "max_abs_diff": 0.0},
-                                    "memory": bench.bench_memory("tiny", quick=True),
+                                    "memory": memory,
                                     "lora": bench.bench_lora(case, rank=2), "compile": r, "compile_dmd2": r2}},
                           bench.machine())
     assert "6. A DMD iteration with the networks compiled" in text and "| aot_eager |" in text

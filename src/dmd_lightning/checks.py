@@ -19,6 +19,7 @@ from dmd_lightning.errors import (
     check_number,
 )
 from dmd_lightning.generator import error_gain
+from dmd_lightning.perf import CUDA_GRAPH_MODES
 from dmd_lightning.schedule import VPSchedule
 
 
@@ -50,6 +51,10 @@ def check_dmd_arguments(hp) -> None:
     if hp.compile is not None:
         check_choice("compile.mode", hp.compile["mode"],
                      (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
+        if hp.compile["mode"] in CUDA_GRAPH_MODES and optim["accumulate"] > 1:
+            raise ConfigError(f"compile.mode={hp.compile['mode']!r} replays CUDA graphs, whose gradient outputs the "
+                              f"next micro-batch overwrites: it cannot accumulate (optim.accumulate="
+                              f"{optim['accumulate']}); use mode default or max-autotune-no-cudagraphs")
     if hp.gan is not None:
         check_number("gan.generator_weight", hp.gan["generator_weight"], 0.0)
         check_number("gan.classifier_weight", hp.gan["classifier_weight"], 0.0)

@@ -1,6 +1,7 @@
 """Speed as model FLOPs utilisation (MFU): the FLOPs a training iteration asks of the hardware, counted with
-torch.utils.flop_counter, over the time it takes and the card's dense peak for the training dtype (Lightning's
-table of cards, `get_available_flops`; none for CPUs, where only rates are logged).
+torch.utils.flop_counter, over the time it takes and the card's dense peak for the training dtype (`DENSE_PEAKS`
+for bf16/fp16 on data-centre cards, else Lightning's `get_available_flops`; none for CPUs, where only rates are
+logged).
 
 `Throughput` is a callback: it counts the FLOPs of the first iterations of a fit (one generator iteration and the
 fake-score-only ones of the two time-scale rule, averaged as the rule mixes them) and then, every
@@ -24,6 +25,11 @@ from lightning.pytorch.callbacks import Timer as LightningTimer
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+# Dense (no structured sparsity) bf16 / fp16 tensor-core peaks, FLOP/s, from NVIDIA's data sheets, by a part of the
+# name torch gives the card, most specific first. Lightning's table knows the H200 under other names ("H200 SXM1")
+# and lists its with-sparsity figure, which would halve the MFU.
+DENSE_PEAKS = (("h200 nvl", 835e12), ("h200", 989.4e12), ("h100 nvl", 835e12), ("h100 pcie", 756e12),
+               ("h100", 989.4e12), ("a100", 312e12), ("l40s", 362e12), ("l40", 181e12), ("l4", 121e12))
 PRECISION_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16,
                     "16-true": torch.float16, "32-true": torch.float32, "32": torch.float32}
 
@@ -101,10 +107,16 @@ def count_flops(fn) -> int:
 
 
 def peak_flops(device: torch.device, precision: str) -> float | None:
-    """The card's dense peak FLOP/s for the precision's dtype (Lightning's table); None where unknown (CPUs)."""
+    """The card's dense peak FLOP/s for the precision's dtype (DENSE_PEAKS, else Lightning's table); None where
+    unknown (CPUs)."""
     dtype = PRECISION_DTYPES.get(str(precision), torch.float32)
     if device.type != "cuda":
         return None
+    if dtype in (torch.bfloat16, torch.float16):
+        name = torch.cuda.get_device_name(device).lower()
+        for part, peak in DENSE_PEAKS:
+            if part in name:
+                return peak
     return get_available_flops(device, dtype)
 
 

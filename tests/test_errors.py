@@ -232,8 +232,9 @@ OTHER_ERRORS = [
     ("pairs: no pairs", ["pairs", "--config", PAIRS, D + "num_pairs", "0"], ["num_pairs=0"]),
     ("pairs: shape the teacher cannot take", ["pairs", "--config", PAIRS, D + "noise_shape", "[1, 28, 28]"],
      ["(1, 28, 28)", "(1, 32, 32)"]),
-    ("validate: no last checkpoint", ["validate", "--config", TOY, "--ckpt_path", "last",  # none of runs/ either
-                                      "--trainer.logger.init_args.save_dir", "{tmp}"], ["--ckpt_path last", "no last.ckpt"]),
+    ("validate: no last checkpoint",  # the logger's folder in {tmp}: not the last.ckpt of a run in runs/
+     ["validate", "--config", TOY, "--ckpt_path", "last", "--trainer.logger.init_args.save_dir", "{tmp}"],
+     ["--ckpt_path last", "no last.ckpt"]),
     ("export: not a checkpoint", ["export", "--config", FMNIST, "--ckpt_path", "{tmp}/notes.txt"], ["notes.txt"]),
     ("export: a generator without a UNet", ["export", "--config", TOY], ["OneStepGenerator", "MLPGenerator"]),
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -62,3 +64,13 @@ def load_weights(path: str) -> dict:
 
         return load_file(path)
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def fingerprint(files: list[Path], root: Path) -> str:
+    """Digest of the names (relative to `root`), sizes and modification times of `files`: cheap next to hashing
+    every file, and an edited, added or removed one changes it."""
+    stats = []
+    for p in files:
+        st = p.stat()
+        stats.append([p.name if p == root else str(p.relative_to(root)), st.st_size, st.st_mtime_ns])
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]

@@ -25,6 +25,8 @@ from safetensors.torch import save
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from dmd_lightning.checkpoint.files import fsync
+
 MANIFEST = "manifest.json"
 MANIFEST_KEYS = ("num_pairs", "shard_size", "num_shards", "noise_shape")  # what every reader needs
 CHUNK = 1 << 24  # bytes of pairs scanned at once for NaN / inf
@@ -73,16 +75,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     also after a power loss, see the old file or the new one. The file gets the usual mode, 0o666 minus the umask.
     The name ends in `.tmp-<pid>`: see writer_is_gone."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    tmp.write_bytes(data)
+    fsync(tmp)
     os.replace(tmp, path)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    fsync(path.parent)
 
 
 def writer_is_gone(tmp: Path) -> bool:

@@ -190,10 +190,10 @@ def noise_batches(shape: tuple[int, ...], size: int, batch_size: int, num_classe
     z = torch.randn(size, *shape, generator=torch.Generator().manual_seed(stream_seed("eval", seed)))
     out = []
     for start in range(0, size, batch_size):
-        b = {"z": z[start:start + batch_size], "seed": torch.tensor(seed)}
-        b["index"] = torch.arange(start, start + len(b["z"]))
+        index = torch.arange(start, min(start + batch_size, size))
+        b = {"z": z[start:start + batch_size], "seed": torch.tensor(seed), "index": index}
         if num_classes is not None:
-            b["cond"] = torch.arange(start, start + len(b["z"])) % num_classes
+            b["cond"] = index % num_classes
         out.append(b)
     return out
 

@@ -11,7 +11,6 @@ caption prefixed by "A photo depicts "; figures from here and from the papers co
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Literal
@@ -24,6 +23,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from dmd_lightning.images import to_uint8
+from dmd_lightning.loading import fingerprint
 from dmd_lightning.metrics.evaluation import Evaluator, gather_samples
 from dmd_lightning.metrics.fid import INCEPTION_EXTRACTOR, compute_metrics
 from dmd_lightning.sd.model import decode_latents, load_vae
@@ -31,16 +31,6 @@ from dmd_lightning.sd.model import decode_latents, load_vae
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalization
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def fingerprint(files: list[Path], root: Path) -> str:
-    """Digest of the names, sizes and modification times of `files`: cheap next to hashing every image, and an
-    edited, added or removed file changes it."""
-    stats = []
-    for p in files:
-        st = p.stat()
-        stats.append([p.name if p == root else str(p.relative_to(root)), st.st_size, st.st_mtime_ns])
-    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
 
 
 def upright_rgb(image: Image.Image) -> Image.Image:

@@ -23,7 +23,7 @@ from dmd_lightning.data.format import map_shard
 from dmd_lightning.denoisers import UNetDenoiser
 from dmd_lightning.errors import ConfigError
 from dmd_lightning.frozen import EvalOnly
-from dmd_lightning.loading import WeightsNotFoundError, load_pretrained, load_unet
+from dmd_lightning.loading import WeightsNotFoundError, fingerprint, load_pretrained, load_unet
 from dmd_lightning.losses import LPIPSLoss
 
 
@@ -63,15 +63,14 @@ def _mmap_safetensors(path: Path, key: str) -> Tensor:
         return torch.from_numpy(array)
 
 
-def local_files(path: str) -> list:
-    """[name, size, modification time] of each file of a local text encoder and tokenizer (a pipeline folder's
-    text_encoder/ and tokenizer/, or the folder itself); [] for a hub id."""
+def text_encoder_fingerprint(path: str) -> str | None:
+    """loading.fingerprint of a local text encoder's and tokenizer's files (a pipeline folder's text_encoder/ and
+    tokenizer/, or the folder itself); None for a hub id."""
     root = Path(path)
     if not root.is_dir():
-        return []
+        return None
     folders = [root / sub for sub in ("text_encoder", "tokenizer") if (root / sub).is_dir()] or [root]
-    files = sorted(p for folder in folders for p in folder.rglob("*") if p.is_file())
-    return [[str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    return fingerprint(sorted(p for folder in folders for p in folder.rglob("*") if p.is_file()), root)
 
 
 class PromptEmbeddings:
@@ -89,7 +88,7 @@ class PromptEmbeddings:
         self.batch_size, self.dtype = batch_size, dtype
 
     def path(self, prompts: list[str]) -> Path:
-        key = [self.text_encoder, self.dtype, list(prompts), local_files(self.text_encoder)]
+        key = [self.text_encoder, self.dtype, list(prompts), text_encoder_fingerprint(self.text_encoder)]
         h = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
         return self.cache_dir / f"prompt-embeddings-{h}.safetensors"
 

@@ -52,8 +52,8 @@ from dmd_lightning.data.format import (
 )
 from dmd_lightning.data.stream import RealImages
 from dmd_lightning.errors import ConfigError
-from dmd_lightning.loading import load_pretrained
-from dmd_lightning.sd.eval import IMAGE_SUFFIXES, fingerprint, resize_pil, upright_rgb
+from dmd_lightning.loading import fingerprint, load_pretrained
+from dmd_lightning.sd.eval import IMAGE_SUFFIXES, resize_pil, upright_rgb
 from dmd_lightning.sd.model import encode_images, vae_subfolder
 
 METADATA = "metadata.jsonl"

@@ -69,7 +69,7 @@ def set_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
     if states["cuda"] and torch.cuda.is_available():  # onto this rank's device; older checkpoints: one per device
         cuda = states["cuda"]
-        torch.cuda.set_rng_state(cuda[min(torch.cuda.current_device(), len(cuda) - 1)] if len(cuda) > 1 else cuda[0])
+        torch.cuda.set_rng_state(cuda[min(torch.cuda.current_device(), len(cuda) - 1)])
     keys, pos, has_gauss, gauss = states["numpy"]
     np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     version, internal, gauss_next = states["python"]
